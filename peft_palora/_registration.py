@@ -1,0 +1,99 @@
+"""Make PaLoRA a first-class PEFT method.
+
+PEFT keeps its methods in the closed enum ``peft.utils.PeftType`` and ``register_peft_method`` refuses any name that
+is not a member. Python enums cannot be extended through their public API, so this module adds the ``PALORA`` member
+by hand -- in the one place, once -- and then registers the config and tuner classes the documented way.
+
+Everything here is idempotent: importing ``peft_palora`` twice, or after other PEFT code, or in a process where PEFT
+already knows ``PALORA`` (a future PEFT release), leaves exactly one consistent registration behind.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from peft import PeftModel
+from peft.utils import PeftType, register_peft_method
+
+PALORA_NAME = "PALORA"
+PREFERENCE_FORWARD_ARG = "preference"
+
+
+def _add_peft_type_member() -> PeftType:
+    """Add ``PeftType.PALORA`` (value ``"PALORA"``) to PEFT's enum if it is not there yet."""
+    existing = PeftType.__members__.get(PALORA_NAME)
+    if existing is not None:
+        return existing
+
+    # A ``str`` enum member is an instance of the enum class built on the ``str`` value; this mirrors what
+    # ``EnumType.__new__`` does for members declared in the class body.
+    member = str.__new__(PeftType, PALORA_NAME)
+    member._name_ = PALORA_NAME
+    member._value_ = PALORA_NAME
+    member.__objclass__ = PeftType
+    if hasattr(member, "_sort_order_"):
+        member._sort_order_ = len(PeftType._member_names_)
+
+    PeftType._member_map_[PALORA_NAME] = member
+    PeftType._value2member_map_[PALORA_NAME] = member
+    PeftType._member_names_.append(PALORA_NAME)
+    # Class attribute access (``PeftType.PALORA``) goes through the enum's own descriptor machinery on 3.11+;
+    # ``type.__setattr__`` bypasses ``EnumType.__setattr__``'s guard against re-binding members.
+    type.__setattr__(PeftType, PALORA_NAME, member)
+
+    # Fail loudly here rather than somewhere deep inside PEFT if a future Python changes enum internals.
+    if PeftType(PALORA_NAME) is not member or PALORA_NAME not in list(PeftType) or member != PALORA_NAME:
+        raise RuntimeError("peft_palora could not add PALORA to peft.utils.PeftType; please report this.")
+    if not isinstance(member, enum.Enum):  # pragma: no cover - defensive
+        raise RuntimeError("PeftType.PALORA is not an enum member.")
+    return member
+
+
+class _SpecialForwardArgs:
+    """Data descriptor for ``PeftModel.special_peft_forward_args`` that adds ``preference`` for PaLoRA models.
+
+    ``PeftModel.forward``/``generate`` hand their keyword arguments to the tuner's ``_enable_peft_forward_hooks``
+    and then strip the names in ``special_peft_forward_args`` before calling the base model. ``PeftModel.__init__``
+    assigns that set as a plain instance attribute, so the only way for a tuner to add an argument without
+    re-implementing every ``PeftModel`` subclass is to intercept the attribute. Non-PaLoRA models see the set PEFT
+    assigned, unchanged.
+    """
+
+    _storage = "_peft_special_forward_args"
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        args = obj.__dict__.get(self._storage, set())
+        if obj.__dict__.get("peft_type") == PALORA_NAME:
+            return args | {PREFERENCE_FORWARD_ARG}
+        return args
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self._storage] = set(value)
+
+
+def _install_preference_forward_arg() -> None:
+    if isinstance(PeftModel.__dict__.get("special_peft_forward_args"), _SpecialForwardArgs):
+        return
+    PeftModel.special_peft_forward_args = _SpecialForwardArgs()
+
+
+def register() -> None:
+    """Register PaLoRA with PEFT (idempotent)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    from .config import PaLoRAConfig
+    from .model import PaLoRAModel
+
+    peft_type = _add_peft_type_member()
+    _install_preference_forward_arg()
+
+    registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
+    if registered is PaLoRAModel and PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is PaLoRAConfig:
+        return
+    if registered is not None:
+        # A stale registration (e.g. the package was re-imported after a reload): replace it with ours.
+        for mapping in (PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING):
+            mapping.pop(peft_type, None)
+    register_peft_method(name=PALORA_NAME.lower(), config_cls=PaLoRAConfig, model_cls=PaLoRAModel, prefix="palora_")

@@ -1,0 +1,121 @@
+"""Configuration of PaLoRA adapters."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+_BIAS_OPTIONS = ("none", "all", "palora_only")
+
+
+@dataclass
+class PaLoRAConfig(PeftConfig):
+    """Configuration for [`PaLoRAModel`]: T task adapters of rank `r` on every targeted layer.
+
+    A targeted layer with base weight `W` computes, for a preference `lambda` on the simplex,
+
+        W(lambda) = W + (palora_alpha / r) * sum_t lambda_t * B_t @ A_t
+
+    Args:
+        num_tasks (`int`): Number of tasks T (>= 2). May be omitted when `task_names` is given.
+        task_names (`list[str]`, *optional*): Names of the tasks; preferences may then be given as dicts.
+        r (`int`): Rank of each task's adapter. The layer holds T * r adapter directions in total.
+        palora_alpha (`float`): Scaling numerator; each adapter is scaled by `palora_alpha / r`.
+        palora_dropout (`float`): Dropout probability on the adapter input.
+        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save, bias, fan_in_fan_out:
+            As in `peft.LoraConfig` (`"all-linear"` included). `bias` is one of `"none"`, `"all"`, `"palora_only"`.
+        train_base_weights (`bool`): False freezes the base model (the PEFT convention). True is the paper's mode:
+            the weights (and biases) of the targeted base layers train with the adapters, and `save_pretrained`
+            stores them in the bundle so that a reload reproduces the trained model exactly.
+        init_weights (`bool`): True starts every `B_t` at zero so the wrapped model equals the base model at any
+            preference. False initialises `B_t` randomly too (useful for tests).
+    """
+
+    num_tasks: int | None = field(default=None, metadata={"help": "Number of tasks T (>= 2)."})
+    task_names: list[str] | None = field(default=None, metadata={"help": "Optional names of the T tasks."})
+    r: int = field(default=4, metadata={"help": "Rank of each task adapter."})
+    palora_alpha: float = field(default=4.0, metadata={"help": "Adapters are scaled by palora_alpha / r."})
+    palora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names (or regex) to adapt; 'all-linear' adapts every linear layer but the output head. "
+            "Left as None, the defaults LoRA uses for the architecture are taken."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names (or regex) never to adapt."}
+    )
+    fan_in_fan_out: bool = field(
+        default=False, metadata={"help": "True if the layer stores its weight as (fan_in, fan_out), like GPT-2's Conv1D."}
+    )
+    bias: Literal["none", "all", "palora_only"] = field(default="none", metadata={"help": "Which biases train."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules (e.g. task heads) trained fully and saved with the adapter."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers'."}
+    )
+    train_base_weights: bool = field(
+        default=False,
+        metadata={"help": "Train (and save) the targeted base weights with the adapters, as in the paper."},
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Start every B_t at zero so the adapted model equals the base model."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.PALORA
+        self._validate_tasks()
+        _check_int("r", self.r, minimum=1)
+        if isinstance(self.palora_alpha, bool) or not isinstance(self.palora_alpha, numbers.Real):
+            raise TypeError(f"`palora_alpha` must be a number, got {type(self.palora_alpha).__name__}.")
+        if not 0.0 <= float(self.palora_dropout) < 1.0:
+            raise ValueError(f"`palora_dropout` must be in [0, 1), got {self.palora_dropout}.")
+        if self.bias not in _BIAS_OPTIONS:
+            raise ValueError(f"`bias` must be one of {_BIAS_OPTIONS}, got {self.bias!r}.")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` needs `layers_to_transform` to be set too.")
+
+    def _validate_tasks(self) -> None:
+        if self.task_names is not None:
+            if isinstance(self.task_names, str) or not all(isinstance(name, str) for name in self.task_names):
+                raise TypeError(f"`task_names` must be a list of strings, got {self.task_names!r}.")
+            self.task_names = list(self.task_names)
+            duplicates = sorted({name for name in self.task_names if self.task_names.count(name) > 1})
+            if duplicates:
+                raise ValueError(f"`task_names` must be unique; duplicated: {duplicates}.")
+            if self.num_tasks is None:
+                self.num_tasks = len(self.task_names)
+            elif self.num_tasks != len(self.task_names):
+                raise ValueError(
+                    f"`num_tasks`={self.num_tasks} but `task_names` has {len(self.task_names)} entries "
+                    f"({self.task_names})."
+                )
+        if self.num_tasks is None:
+            raise ValueError("Give `num_tasks` (T >= 2) or `task_names`.")
+        _check_int("num_tasks", self.num_tasks, minimum=2)
+
+    @property
+    def scaling(self) -> float:
+        """The factor `palora_alpha / r` applied to every task adapter."""
+        return float(self.palora_alpha) / self.r
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")

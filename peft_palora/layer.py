@@ -1,0 +1,402 @@
+"""PaLoRA tuner layers.
+
+Each adapted layer holds, per PEFT adapter name, the T task adapters of rank r stacked into one pair of matrices:
+
+* ``palora_A[name]`` with the T * r down-projections (task t owns rows ``t*r : (t+1)*r``),
+* ``palora_B[name]`` with the T * r up-projections (task t owns columns ``t*r : (t+1)*r``).
+
+Stacking is what makes the forward fast: the T adapters run as ONE rank-(T*r) product, and the preference only
+enters as a per-direction scale in the middle, ``scale = (alpha / r) * repeat_interleave(lambda, r)``. For one
+preference per batch the scale is folded into the (small) ``B`` matrix; for one preference per sample it multiplies
+the (batch, ..., T*r) hidden activations row by row. No Python loop runs over tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class PreferenceState:
+    """The preference in force for one adapter, shared by every layer that carries that adapter.
+
+    Holding it in one object (instead of pushing a copy into each layer) makes ``set_preference`` O(1) and lets the
+    layers reuse the rank-expanded scale vector, which is computed once per (device, dtype) and preference.
+    """
+
+    def __init__(self, num_tasks: int, r: int, scaling: float) -> None:
+        self.num_tasks = num_tasks
+        self.r = r
+        self.scaling = scaling
+        self._value = torch.full((num_tasks,), 1.0 / num_tasks)
+        self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The preference: shape (T,) for the whole batch or (batch, T) per sample."""
+        return self._value
+
+    @value.setter
+    def value(self, preference: torch.Tensor) -> None:
+        # Callers validate; this only stores a detached float32 copy so later in-place edits by the user can't leak in.
+        self._value = preference.detach().to(torch.float32).clone()
+        self._scales = {}
+
+    @property
+    def per_sample(self) -> bool:
+        return self._value.dim() == 2
+
+    def scale(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``(alpha / r) * lambda`` repeated r times per task: shape (T*r,) or (batch, T*r)."""
+        key = (device, dtype)
+        scale = self._scales.get(key)
+        if scale is None:
+            scale = (self._value * self.scaling).repeat_interleave(self.r, dim=-1).to(device=device, dtype=dtype)
+            self._scales[key] = scale
+        return scale
+
+
+def _per_sample_scale(scale: torch.Tensor, hidden: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Shape a (batch, C) per-sample scale so it broadcasts over ``hidden`` (channels at ``channel_dim``).
+
+    Rows of ``hidden`` are matched to preferences by the leading dimension. A leading dimension that is a multiple of
+    the preference batch (beam search expands each sample into contiguous beams; some models flatten batch and
+    sequence) repeats each preference over its contiguous rows.
+    """
+    batch = scale.shape[0]
+    rows = hidden.shape[0] if hidden.dim() > 1 else None
+    if rows is None or rows % batch != 0:
+        raise ValueError(
+            f"A per-sample preference has {batch} rows but the layer input has leading dimension "
+            f"{hidden.shape[0] if hidden.dim() else 'none'} (shape {tuple(hidden.shape)}); give one preference row per "
+            "sample in the batch."
+        )
+    if rows != batch:
+        scale = scale.repeat_interleave(rows // batch, dim=0)
+    shape = [rows] + [1] * (hidden.dim() - 1)
+    shape[channel_dim] = scale.shape[1]
+    return scale.view(shape)
+
+
+class PaLoRALayer(BaseTunerLayer):
+    """Common state of the PaLoRA layers (the mixin that LoRA calls ``LoraLayer``)."""
+
+    adapter_layer_names: tuple[str, ...] = ("palora_A", "palora_B")
+    other_param_names: tuple[str, ...] = ("r", "scaling", "palora_dropout", "num_tasks", "preference_states")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.num_tasks: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.palora_dropout = nn.ModuleDict({})
+        self.palora_A = nn.ParameterDict({})
+        self.palora_B = nn.ParameterDict({})
+        self.preference_states: dict[str, PreferenceState] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # The exact base weight from before the first merge, so unmerge restores it bit for bit.
+        self._unmerged_weight: torch.Tensor | None = None
+        self.kwargs = kwargs
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    def update_layer(
+        self,
+        adapter_name: str,
+        num_tasks: int,
+        r: int,
+        scaling: float,
+        dropout: float,
+        init_weights: bool,
+        preference_state: PreferenceState,
+    ) -> None:
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        self.r[adapter_name] = r
+        self.num_tasks[adapter_name] = num_tasks
+        self.scaling[adapter_name] = scaling
+        self.preference_states[adapter_name] = preference_state
+        self.palora_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        a_shape, b_shape = self._adapter_shapes(num_tasks * r)
+        self.palora_A[adapter_name] = nn.Parameter(torch.empty(a_shape))
+        self.palora_B[adapter_name] = nn.Parameter(torch.empty(b_shape))
+        self.reset_palora_parameters(adapter_name, init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def _adapter_shapes(self, total_rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def reset_palora_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        """Kaiming-uniform ``A`` (as LoRA); ``B`` zero so the adapters start as the identity, or random for tests."""
+        with torch.no_grad():
+            a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            if init_weights:
+                nn.init.zeros_(b)
+            else:
+                nn.init.normal_(b, std=0.1)
+
+    # ---- the delta ----------------------------------------------------------------------------------------------
+    def _shared_scale(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
+        state = self.preference_states[adapter_name]
+        if state.per_sample:
+            raise ValueError(
+                f"Adapter '{adapter_name}' has a per-sample preference of shape {tuple(state.value.shape)}; one "
+                "preference for the whole model is needed here (merging bakes a single preference into the weights)."
+            )
+        return state.scale(like.device, like.dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``(alpha / r) * sum_t lambda_t B_t A_t`` at the preference in force, in the base weight's layout."""
+        raise NotImplementedError
+
+    # ---- merging ------------------------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the delta at the preference in force to the base weight.
+
+        The pre-merge weight is kept so that ``unmerge`` restores it exactly, whatever the preference is by then.
+        """
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.palora_A]
+        if adapter_names:
+            self._write_merged_weight(self.merged_adapters + adapter_names, safe_merge)
+
+    def remerge(self) -> None:
+        """Re-merge the merged adapters at their current preferences (after ``set_preference`` on a merged model)."""
+        if self.merged:
+            self._write_merged_weight(list(self.merged_adapters), safe_merge=False)
+
+    def _write_merged_weight(self, adapter_names: list[str], safe_merge: bool) -> None:
+        weight = self.get_base_layer().weight
+        original = self._unmerged_weight if self._unmerged_weight is not None else weight.data
+        merged = original.clone()
+        for name in adapter_names:  # get_delta_weight raises for per-sample preferences, before anything changes
+            merged += self.get_delta_weight(name).to(merged.dtype)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs or infs detected when merging adapters {adapter_names}; nothing was merged.")
+        if self._unmerged_weight is None:
+            self._unmerged_weight = weight.data.clone()
+        with torch.no_grad():
+            weight.data.copy_(merged)
+        self.merged_adapters = adapter_names
+
+    def unmerge(self) -> None:
+        """Restore the exact base weight from before the first merge."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            self.get_base_layer().weight.data.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged_adapters = []
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+    def _active_palora_adapters(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.palora_A]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._active_palora_adapters():
+            result = result + self._adapter_output(name, x).to(result.dtype)
+        return result
+
+    def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _PaLoRAModule(nn.Module, PaLoRALayer):
+    """Puts ``PaLoRALayer.forward`` ahead of ``nn.Module``'s in the method order of the concrete layers."""
+
+    forward = PaLoRALayer.forward
+
+    def __repr__(self) -> str:
+        return "palora." + super().__repr__()
+
+
+class Linear(_PaLoRAModule):
+    """PaLoRA for ``nn.Linear`` and transformers' ``Conv1D`` (``fan_in_fan_out=True``, GPT-2 style)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        *,
+        num_tasks: int,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        init_weights: bool = True,
+        fan_in_fan_out: bool = False,
+        preference_state: PreferenceState,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        PaLoRALayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        if isinstance(base_layer, Conv1D):
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, num_tasks, r, scaling, dropout, init_weights, preference_state)
+
+    def _adapter_shapes(self, total_rank):
+        return (total_rank, self.in_features), (self.out_features, total_rank)
+
+    def get_delta_weight(self, adapter_name):
+        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
+        delta = (b * self._shared_scale(adapter_name, b)) @ a
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _adapter_output(self, adapter_name, x):
+        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
+        x = self.palora_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
+        hidden = F.linear(x, a)
+        state = self.preference_states[adapter_name]
+        if state.per_sample:
+            scale = _per_sample_scale(state.scale(hidden.device, hidden.dtype), hidden, channel_dim=-1)
+            return F.linear(hidden * scale, b)
+        # One preference for the batch: scale the (out, T*r) matrix, not the (batch, ..., T*r) activations.
+        return F.linear(hidden, b * state.scale(b.device, b.dtype))
+
+
+class Embedding(_PaLoRAModule):
+    """PaLoRA for ``nn.Embedding``: ``A`` is looked up like an embedding table, ``B`` projects to the embedding."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        *,
+        num_tasks: int,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        init_weights: bool = True,
+        preference_state: PreferenceState,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        PaLoRALayer.__init__(self, base_layer, **kwargs)
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, num_tasks, r, scaling, dropout, init_weights, preference_state)
+
+    def update_layer(self, adapter_name, num_tasks, r, scaling, dropout, init_weights, preference_state):
+        if dropout > 0.0:
+            raise ValueError("`palora_dropout` must be 0 for embedding layers (their input is token ids).")
+        super().update_layer(adapter_name, num_tasks, r, scaling, dropout, init_weights, preference_state)
+
+    def _adapter_shapes(self, total_rank):
+        return (total_rank, self.in_features), (self.out_features, total_rank)
+
+    def reset_palora_parameters(self, adapter_name, init_weights):
+        # As LoRA does for embeddings: a normal lookup table, B zero (identity start) or random.
+        with torch.no_grad():
+            nn.init.normal_(self.palora_A[adapter_name])
+            b = self.palora_B[adapter_name]
+            nn.init.zeros_(b) if init_weights else nn.init.normal_(b, std=0.1)
+
+    def get_delta_weight(self, adapter_name):
+        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
+        return ((b * self._shared_scale(adapter_name, b)) @ a).T
+
+    def _adapter_output(self, adapter_name, x):
+        base = self.get_base_layer()
+        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
+        hidden = F.embedding(x, a.T, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+                             scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        state = self.preference_states[adapter_name]
+        if state.per_sample:
+            scale = _per_sample_scale(state.scale(hidden.device, hidden.dtype), hidden, channel_dim=-1)
+            out = F.linear(hidden * scale, b)
+        else:
+            out = F.linear(hidden, b * state.scale(b.device, b.dtype))
+        embed_scale = self._get_embed_scale()  # e.g. Gemma scales its embeddings; the delta must be scaled alike
+        return out if embed_scale is None else out * embed_scale.to(out.dtype)
+
+
+class ConvNd(_PaLoRAModule):
+    """PaLoRA for ``nn.Conv1d/2d/3d`` with any kernel size, stride, padding, dilation, padding mode and groups.
+
+    ``A`` is a convolution shaped like the base one (same kernel, stride, padding, dilation and ``groups``) with
+    ``groups * T * r`` output channels; ``B`` is a grouped 1x1 convolution back to the output channels. Per group the
+    delta is then ``B_g @ A_g``, which has exactly the block-diagonal layout of the base grouped weight, so merging
+    works for every ``groups`` and the adapter has the same parameter count as for ``groups=1``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        *,
+        num_tasks: int,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        init_weights: bool = True,
+        preference_state: PreferenceState,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        PaLoRALayer.__init__(self, base_layer, **kwargs)
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        self.groups = base_layer.groups
+        self._spatial_dims = base_layer.weight.dim() - 2
+        self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[self._spatial_dims]
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, num_tasks, r, scaling, dropout, init_weights, preference_state)
+
+    def _adapter_shapes(self, total_rank):
+        kernel = tuple(self.get_base_layer().kernel_size)
+        g = self.groups
+        a_shape = (g * total_rank, self.in_features // g, *kernel)
+        b_shape = (self.out_features, total_rank) + (1,) * self._spatial_dims
+        return a_shape, b_shape
+
+    def get_delta_weight(self, adapter_name):
+        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
+        g, total_rank = self.groups, b.shape[1]
+        b_scaled = (b.flatten(1) * self._shared_scale(adapter_name, b)).view(g, self.out_features // g, total_rank)
+        a_grouped = a.reshape(g, total_rank, -1)
+        delta = torch.bmm(b_scaled, a_grouped)  # (g, out/g, in/g * prod(kernel))
+        return delta.reshape(self.get_base_layer().weight.shape)
+
+    def _adapter_output(self, adapter_name, x):
+        base = self.get_base_layer()
+        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
+        x = self.palora_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
+        # `_conv_forward` applies the base layer's stride, padding (and padding mode), dilation and groups.
+        hidden = base._conv_forward(x, a, None)
+        state = self.preference_states[adapter_name]
+        if state.per_sample:
+            scale = state.scale(hidden.device, hidden.dtype).repeat(1, self.groups)
+            hidden = hidden * _per_sample_scale(scale, hidden, channel_dim=1)
+            return self._conv(hidden, b, groups=self.groups)
+        scale = state.scale(b.device, b.dtype).view(1, -1, *([1] * self._spatial_dims))
+        return self._conv(hidden, b * scale, groups=self.groups)
+
+
+def dispatch_layer(target: nn.Module, adapter_name: str, fan_in_fan_out: bool, **kwargs: Any) -> nn.Module | None:
+    """Build the PaLoRA layer for ``target``, or return None when its type is not supported."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, nn.Linear):
+        return Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
+    if isinstance(base, Conv1D):
+        return Linear(target, adapter_name, fan_in_fan_out=True, **kwargs)
+    if isinstance(base, nn.Embedding):
+        return Embedding(target, adapter_name, **kwargs)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return ConvNd(target, adapter_name, **kwargs)
+    return None

@@ -1,0 +1,48 @@
+"""`import peft_palora` registers PALORA with PEFT, once, whatever the import order."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str) -> str:
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("before", ["", "import peft; from peft import LoraConfig, get_peft_model; import peft.tuners.lora"])
+def test_fresh_interpreter_registration(before):
+    out = _run(
+        f"""
+        {before}
+        import importlib
+        import peft_palora
+        importlib.reload(peft_palora)  # a second import must not register twice or break anything
+        import peft_palora._registration as reg; reg.register()
+        from peft.utils import PeftType
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
+        assert PeftType("PALORA") is PeftType.PALORA and PeftType.PALORA == "PALORA"
+        assert list(PeftType).count(PeftType.PALORA) == 1
+        assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.PALORA] == "palora_"
+        assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.PALORA].__name__ == "PaLoRAModel"
+        config = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.PALORA](num_tasks=2, target_modules=["x"])
+        assert config.to_dict()["peft_type"] == "PALORA"
+        # other PEFT methods keep working and do not take the `preference` argument
+        from peft import LoraConfig, get_peft_model
+        import torch
+        lora = get_peft_model(torch.nn.Sequential(torch.nn.Linear(3, 3)), LoraConfig(target_modules=["0"]))
+        assert "preference" not in lora.special_peft_forward_args
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
