@@ -388,6 +388,14 @@ class ConvNd(_PaLoRAModule):
         return self._conv(hidden, b * scale, groups=self.groups)
 
 
+SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def dispatch_layer_type_supported(module: nn.Module) -> bool:
+    """Whether PaLoRA has a layer for this module type."""
+    return isinstance(module, SUPPORTED_LAYER_TYPES)
+
+
 def dispatch_layer(target: nn.Module, adapter_name: str, fan_in_fan_out: bool, **kwargs: Any) -> nn.Module | None:
     """Build the PaLoRA layer for ``target``, or return None when its type is not supported."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target

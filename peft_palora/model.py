@@ -13,7 +13,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .config import PaLoRAConfig
-from .layer import PaLoRALayer, PreferenceState, dispatch_layer
+from .layer import PaLoRALayer, PreferenceState, dispatch_layer, dispatch_layer_type_supported
 from .preferences import validate_preference
 
 PreferenceLike = Union[torch.Tensor, np.ndarray, list, tuple, Mapping[str, float]]  # noqa: UP007 (runtime alias)
@@ -82,6 +82,16 @@ class PaLoRAModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # adding a further adapter does not make it trainable
         self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except ValueError as error:
+            if "not found in the base model" not in str(error):
+                raise
+            adaptable = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                                if name and dispatch_layer_type_supported(module)})
+            raise type(error)(f"{error} Layers of this model that PaLoRA can adapt: {adaptable}.") from error
 
     def _post_injection_hook(self, model: nn.Module, config: PaLoRAConfig, adapter_name: str) -> None:
         if hasattr(model, "add_model_tags"):  # transformers models: PEFT copies these tags into the model card

@@ -273,3 +273,33 @@ def test_bf16_base_keeps_fp32_adapters_and_finite_outputs():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().sum().backward()
     assert torch.isfinite(layer.palora_A["default"].grad).all()
+
+
+def test_unknown_target_modules_error_lists_what_exists():
+    with pytest.raises(ValueError, match=r"not found in the base model.*PaLoRA can adapt: \['lin0', 'lin1'\]"):
+        get_peft_model(MLP(), peft_palora.PaLoRAConfig(num_tasks=2, target_modules=["lin9"]))
+
+
+def test_default_target_modules_follow_lora_for_known_architectures():
+    from transformers import BertConfig, BertModel
+
+    base = BertModel(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=20))
+    model = get_peft_model(base, peft_palora.PaLoRAConfig(num_tasks=2))
+    assert model.peft_config["default"].target_modules == {"query", "value"}
+    assert len(palora_layers(model)) == 2
+
+
+def test_generate_with_per_sample_preferences_and_beam_search():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+    model = get_peft_model(base, peft_palora.PaLoRAConfig(num_tasks=2, r=2, init_weights=False, task_type="CAUSAL_LM"))
+    ids = torch.randint(1, 60, (2, 4))
+    prefs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=3, pad_token_id=0)
+    together = model.generate(input_ids=ids, preference=prefs, **kwargs)
+    alone = [model.generate(input_ids=ids[i : i + 1], preference=prefs[i], **kwargs) for i in range(2)]
+    assert torch.equal(together, torch.cat(alone))
