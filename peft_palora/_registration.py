@@ -84,10 +84,12 @@ def register() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     from .config import PaLoRAConfig
+    from .hub import install_push_to_hub_hook
     from .model import PaLoRAModel
 
     peft_type = _add_peft_type_member()
     _install_preference_forward_arg()
+    install_push_to_hub_hook()  # `push_to_hub` on a PaLoRA model publishes PaLoRA's own model card
 
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if registered is PaLoRAModel and PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is PaLoRAConfig:
