@@ -138,3 +138,33 @@ def test_model_card_is_tagged_palora(tmp_path):
     _, bundle, _ = _trained_bundle(tmp_path, train_base_weights=False)
     card = open(os.path.join(bundle, "README.md")).read()
     assert "library_name: peft" in card and "- palora" in card
+
+
+def test_interrupted_save_leaves_the_previous_bundle_loadable(tmp_path, monkeypatch):
+    import peft.peft_model
+
+    base_dir, bundle, model = _trained_bundle(tmp_path, train_base_weights=False)
+    weights = os.path.join(bundle, "adapter_model.safetensors")
+    good = open(weights, "rb").read()
+
+    def crash_mid_write(tensors, path, metadata=None):
+        with open(path, "wb") as handle:
+            handle.write(b"\x00" * 100)  # a torn write...
+        raise KeyboardInterrupt  # ...then the process is interrupted
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", crash_mid_write)
+    with torch.no_grad():
+        for layer in palora_layers(model):
+            layer.palora_B["default"].add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(bundle)
+    assert open(weights, "rb").read() == good
+    assert not [name for name in os.listdir(bundle) if name.startswith(".tmp")]
+    PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir), bundle)  # still loads
+
+
+def test_pickle_bundles_are_refused(tmp_path):
+    _, bundle, model = _trained_bundle(tmp_path, train_base_weights=False)
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert not (tmp_path / "pickled").exists()
