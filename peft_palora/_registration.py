@@ -11,8 +11,6 @@ already knows ``PALORA`` (a future PEFT release), leaves exactly one consistent 
 from __future__ import annotations
 
 import enum
-import os
-import shutil
 
 from peft import PeftModel
 from peft.utils import PeftType, register_peft_method
@@ -81,46 +79,11 @@ def _install_preference_forward_arg() -> None:
     PeftModel.special_peft_forward_args = _SpecialForwardArgs()
 
 
-def _install_atomic_save_pretrained() -> None:
-    """Make `PeftModel.save_pretrained` crash-safe and safetensors-only for PaLoRA models (idempotent).
-
-    PEFT writes the bundle's files in place. For PaLoRA models the files are written to a staging directory inside
-    the target and moved over the old ones with atomic renames, so an interrupted save leaves the previous bundle
-    loadable. Pickle-based `.bin` bundles are refused: nothing in a PaLoRA bundle is ever pickled.
-    """
-    import functools
-
-    from ._atomic import atomic_directory
-    from .hub import is_palora_model
-
-    original = PeftModel.save_pretrained
-    if getattr(original, "_palora_atomic", False):
-        return
-
-    @functools.wraps(original)
-    def save_pretrained(self, save_directory: str, *args, **kwargs):
-        if not is_palora_model(self):
-            return original(self, save_directory, *args, **kwargs)
-        if kwargs.get("safe_serialization", True) is False:
-            raise ValueError("`safe_serialization=False` is not supported: PaLoRA bundles are safetensors only.")
-        if os.path.isfile(save_directory):
-            raise ValueError(f"`save_directory` {save_directory!r} is a file; give a directory.")
-        if not kwargs.get("is_main_process", True):
-            return None
-        with atomic_directory(save_directory) as staging:
-            card = os.path.join(save_directory, "README.md")
-            if os.path.isfile(card):  # PEFT updates an existing card in place; keep the user's edits
-                shutil.copy2(card, os.path.join(staging, "README.md"))
-            return original(self, staging, *args, **kwargs)
-
-    save_pretrained._palora_atomic = True
-    PeftModel.save_pretrained = save_pretrained
-
-
 def register() -> None:
     """Register PaLoRA with PEFT (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
+    from ._peft_hooks import install as install_peft_hooks
     from .config import PaLoRAConfig
     from .hub import install_push_to_hub_hook
     from .model import PaLoRAModel
@@ -128,7 +91,7 @@ def register() -> None:
     peft_type = _add_peft_type_member()
     _install_preference_forward_arg()
     install_push_to_hub_hook()  # `push_to_hub` on a PaLoRA model publishes PaLoRA's own model card
-    _install_atomic_save_pretrained()
+    install_peft_hooks()  # atomic, safetensors-only saving; early, clear errors when loading
 
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if registered is PaLoRAModel and PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is PaLoRAConfig:

@@ -168,3 +168,71 @@ def test_pickle_bundles_are_refused(tmp_path):
     with pytest.raises(ValueError, match="safetensors only"):
         model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
     assert not (tmp_path / "pickled").exists()
+
+
+def _base_outputs(model):
+    torch.manual_seed(5)
+    ids = torch.randint(1, 60, (2, 5))
+    with torch.no_grad():
+        return model(input_ids=ids).last_hidden_state
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate_weights", "adapter_model.safetensors is not a readable safetensors file"),
+        ("garbage_weights", "adapter_model.safetensors is not a readable safetensors file"),
+        ("only_pickle", "does not load the pickle file adapter_model.bin"),
+        ("config_not_json", "adapter_config.json is not valid JSON"),
+        ("config_unknown_field", "fields PaLoRAConfig does not know: \\['mystery'\\]"),
+        ("config_missing_num_tasks", "adapter_config.json is not a valid PaLoRA config: Give `num_tasks`"),
+        ("config_bad_rank", "adapter_config.json is not a valid PaLoRA config: `r` must be >= 1"),
+    ],
+)
+def test_damaged_bundles_are_refused_naming_the_file_and_base_model_untouched(tmp_path, damage, message):
+    base_dir, bundle, _ = _trained_bundle(tmp_path, train_base_weights=False)
+    weights = os.path.join(bundle, "adapter_model.safetensors")
+    config_path = os.path.join(bundle, "adapter_config.json")
+    config = json.load(open(config_path))
+    if damage == "truncate_weights":
+        data = open(weights, "rb").read()
+        open(weights, "wb").write(data[: len(data) // 2])
+    elif damage == "garbage_weights":
+        open(weights, "wb").write(b"not a safetensors file at all")
+    elif damage == "only_pickle":
+        os.replace(weights, os.path.join(bundle, "adapter_model.bin"))
+    elif damage == "config_not_json":
+        open(config_path, "w").write("{ num_tasks: 3")
+    elif damage == "config_unknown_field":
+        json.dump({**config, "mystery": 1}, open(config_path, "w"))
+    elif damage == "config_missing_num_tasks":
+        json.dump({k: v for k, v in config.items() if k not in ("num_tasks", "task_names")}, open(config_path, "w"))
+    elif damage == "config_bad_rank":
+        json.dump({**config, "r": 0}, open(config_path, "w"))
+    base = AutoModel.from_pretrained(base_dir)
+    expected = _base_outputs(base)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(base, bundle)
+    assert not palora_layers(base)
+    torch.testing.assert_close(_base_outputs(base), expected, atol=0, rtol=0)
+
+
+def test_refused_weights_leave_the_base_model_as_it_was(tmp_path):
+    _, bundle, _ = _trained_bundle(tmp_path, train_base_weights=True)
+    other = AutoModel.from_pretrained(_tiny_bert_dir(tmp_path, hidden=24))
+    expected = _base_outputs(other)
+    with pytest.raises(ValueError, match="does not match the model"):
+        PeftModel.from_pretrained(other, bundle)
+    assert not palora_layers(other) and not hasattr(other, "peft_config")
+    torch.testing.assert_close(_base_outputs(other), expected, atol=0, rtol=0)
+
+
+def test_refused_load_adapter_leaves_the_peft_model_as_it_was(tmp_path):
+    base_dir, bundle, _ = _trained_bundle(tmp_path, train_base_weights=False)
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir), bundle)
+    config_path = os.path.join(bundle, "adapter_config.json")
+    json.dump({**json.load(open(config_path)), "num_tasks": 2, "task_names": None}, open(config_path, "w"))
+    with pytest.raises(ValueError, match="does not match the model"):
+        model.load_adapter(bundle, adapter_name="second")
+    assert set(model.peft_config) == {"default"}
+    assert all(set(layer.palora_A) == {"default"} for layer in palora_layers(model))
