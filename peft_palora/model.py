@@ -96,6 +96,16 @@ class PaLoRAModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: PaLoRAConfig, adapter_name: str) -> None:
         if hasattr(model, "add_model_tags"):  # transformers models: PEFT copies these tags into the model card
             model.add_model_tags(["palora"])
+        if self.__dict__.get("_batch_check_handle") is None:
+            # A hook on the base model sees its real inputs whichever PeftModel subclass (or none) calls it.
+            self._batch_check_handle = model.register_forward_pre_hook(self._check_batch_pre_hook, with_kwargs=True)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        handle = self.__dict__.pop("_batch_check_handle", None)
+        if handle is not None:
+            handle.remove()
+        return model
 
     def _palora_layers(self, adapter_name: str | None = None) -> Iterator[tuple[str, PaLoRALayer]]:
         for name, module in self.model.named_modules():
@@ -185,27 +195,35 @@ class PaLoRAModel(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Apply `preference=` for one call (PeftModel strips the argument before calling the base model)."""
-        preference = kwargs.get("preference")
-        batch_size = _batch_size(args, kwargs)
-        if preference is None:
-            self._check_per_sample_batch(batch_size)
-            yield
-            return
-        if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()):
-            raise ValueError(
-                "`preference=` cannot be used while training with gradient checkpointing: the checkpointed layers "
-                "re-run during backward, after this call has ended. Use `set_preference(...)` before the forward."
-            )
-        with self.preference_context(preference):
-            self._check_per_sample_batch(batch_size)
-            yield
+        # `generate` expands every sample into num_beams * num_return_sequences contiguous rows.
+        expansion = int(kwargs.get("num_beams") or 1) * int(kwargs.get("num_return_sequences") or 1)
+        previous_expansion, self._row_expansion = self._row_expansion, expansion
+        try:
+            preference = kwargs.get("preference")
+            if preference is None:
+                yield
+                return
+            if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()):
+                raise ValueError(
+                    "`preference=` cannot be used while training with gradient checkpointing: the checkpointed "
+                    "layers re-run during backward, after this call has ended. Use `set_preference(...)` before the "
+                    "forward."
+                )
+            with self.preference_context(preference):
+                yield
+        finally:
+            self._row_expansion = previous_expansion
 
-    def _check_per_sample_batch(self, batch_size: int | None) -> None:
+    _row_expansion: int = 1
+
+    def _check_batch_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Before every forward of the base model: a per-sample preference must have one row per sample."""
+        batch_size = _batch_size(args, kwargs)
         if batch_size is None:
             return
         for name in self._target_adapters(None):
             value = self._states()[name].value
-            if value.dim() == 2 and value.shape[0] != batch_size:
+            if value.dim() == 2 and batch_size not in (value.shape[0], value.shape[0] * self._row_expansion):
                 raise ValueError(
                     f"The per-sample preference has {value.shape[0]} rows but the batch has {batch_size} samples."
                 )

@@ -303,3 +303,16 @@ def test_generate_with_per_sample_preferences_and_beam_search():
     together = model.generate(input_ids=ids, preference=prefs, **kwargs)
     alone = [model.generate(input_ids=ids[i : i + 1], preference=prefs[i], **kwargs) for i in range(2)]
     assert torch.equal(together, torch.cat(alone))
+
+
+def test_per_sample_batch_is_checked_for_task_typed_models_too():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    base = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=20))
+    model = get_peft_model(base, peft_palora.PaLoRAConfig(num_tasks=2, task_type="SEQ_CLS"))
+    prefs = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    # 4 samples and 2 preference rows: a multiple, which must not be silently repeated
+    with pytest.raises(ValueError, match="2 rows but the batch has 4"):
+        model(input_ids=torch.randint(1, 60, (4, 5)), preference=prefs)
+    assert model(input_ids=torch.randint(1, 60, (2, 5)), preference=prefs).logits.shape == (2, 2)
