@@ -216,16 +216,12 @@ class PaLoRALayer(BaseTunerLayer):
 
 
 class _PaLoRAModule(nn.Module, PaLoRALayer):
-    """Puts ``PaLoRALayer.forward`` ahead of ``nn.Module``'s in the method order of the concrete layers."""
+    """The ``nn.Module`` side shared by the concrete layers (LoRA writes this out in each of its layer classes).
+
+    It also puts ``PaLoRALayer.forward`` ahead of ``nn.Module``'s in the method order.
+    """
 
     forward = PaLoRALayer.forward
-
-    def __repr__(self) -> str:
-        return "palora." + super().__repr__()
-
-
-class Linear(_PaLoRAModule):
-    """PaLoRA for ``nn.Linear`` and transformers' ``Conv1D`` (``fan_in_fan_out=True``, GPT-2 style)."""
 
     def __init__(
         self,
@@ -237,19 +233,42 @@ class Linear(_PaLoRAModule):
         scaling: float,
         dropout: float = 0.0,
         init_weights: bool = True,
-        fan_in_fan_out: bool = False,
         preference_state: PreferenceState,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         PaLoRALayer.__init__(self, base_layer, **kwargs)
-        self.fan_in_fan_out = fan_in_fan_out
-        if isinstance(base_layer, Conv1D):
+        self._describe_base_layer(self.get_base_layer())
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, num_tasks, r, scaling, dropout, init_weights, preference_state)
+
+    def _describe_base_layer(self, base_layer: nn.Module) -> None:
+        """Read the shapes the adapters need (``in_features``, ``out_features``, ...) off the base layer."""
+        raise NotImplementedError
+
+    def _linear_up_projection(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
+        """``B`` applied to the (..., T*r) hidden directions, with the preference folded in."""
+        b = self.palora_B[adapter_name]
+        state = self.preference_states[adapter_name]
+        if state.per_sample:
+            scale = _per_sample_scale(state.scale(hidden.device, hidden.dtype), hidden, channel_dim=-1)
+            return F.linear(hidden * scale, b)
+        # One preference for the batch: scale the (out, T*r) matrix, not the (batch, ..., T*r) activations.
+        return F.linear(hidden, b * state.scale(b.device, b.dtype))
+
+    def __repr__(self) -> str:
+        return "palora." + super().__repr__()
+
+
+class Linear(_PaLoRAModule):
+    """PaLoRA for ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2 style, weight stored as (in, out))."""
+
+    def _describe_base_layer(self, base_layer):
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, num_tasks, r, scaling, dropout, init_weights, preference_state)
 
     def _adapter_shapes(self, total_rank):
         return (total_rank, self.in_features), (self.out_features, total_rank)
@@ -260,38 +279,16 @@ class Linear(_PaLoRAModule):
         return delta.T if self.fan_in_fan_out else delta
 
     def _adapter_output(self, adapter_name, x):
-        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
+        a = self.palora_A[adapter_name]
         x = self.palora_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
-        hidden = F.linear(x, a)
-        state = self.preference_states[adapter_name]
-        if state.per_sample:
-            scale = _per_sample_scale(state.scale(hidden.device, hidden.dtype), hidden, channel_dim=-1)
-            return F.linear(hidden * scale, b)
-        # One preference for the batch: scale the (out, T*r) matrix, not the (batch, ..., T*r) activations.
-        return F.linear(hidden, b * state.scale(b.device, b.dtype))
+        return self._linear_up_projection(adapter_name, F.linear(x, a))
 
 
 class Embedding(_PaLoRAModule):
     """PaLoRA for ``nn.Embedding``: ``A`` is looked up like an embedding table, ``B`` projects to the embedding."""
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        *,
-        num_tasks: int,
-        r: int,
-        scaling: float,
-        dropout: float = 0.0,
-        init_weights: bool = True,
-        preference_state: PreferenceState,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__()
-        PaLoRALayer.__init__(self, base_layer, **kwargs)
+    def _describe_base_layer(self, base_layer):
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, num_tasks, r, scaling, dropout, init_weights, preference_state)
 
     def update_layer(self, adapter_name, num_tasks, r, scaling, dropout, init_weights, preference_state):
         if dropout > 0.0:
@@ -314,15 +311,9 @@ class Embedding(_PaLoRAModule):
 
     def _adapter_output(self, adapter_name, x):
         base = self.get_base_layer()
-        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
-        hidden = F.embedding(x, a.T, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
-                             scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
-        state = self.preference_states[adapter_name]
-        if state.per_sample:
-            scale = _per_sample_scale(state.scale(hidden.device, hidden.dtype), hidden, channel_dim=-1)
-            out = F.linear(hidden * scale, b)
-        else:
-            out = F.linear(hidden, b * state.scale(b.device, b.dtype))
+        hidden = F.embedding(x, self.palora_A[adapter_name].T, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                             norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        out = self._linear_up_projection(adapter_name, hidden)
         embed_scale = self._get_embed_scale()  # e.g. Gemma scales its embeddings; the delta must be scaled alike
         return out if embed_scale is None else out * embed_scale.to(out.dtype)
 
@@ -336,27 +327,11 @@ class ConvNd(_PaLoRAModule):
     works for every ``groups`` and the adapter has the same parameter count as for ``groups=1``.
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        *,
-        num_tasks: int,
-        r: int,
-        scaling: float,
-        dropout: float = 0.0,
-        init_weights: bool = True,
-        preference_state: PreferenceState,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__()
-        PaLoRALayer.__init__(self, base_layer, **kwargs)
+    def _describe_base_layer(self, base_layer):
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.groups = base_layer.groups
         self._spatial_dims = base_layer.weight.dim() - 2
         self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[self._spatial_dims]
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, num_tasks, r, scaling, dropout, init_weights, preference_state)
 
     def _adapter_shapes(self, total_rank):
         kernel = tuple(self.get_base_layer().kernel_size)
@@ -396,13 +371,15 @@ def dispatch_layer_type_supported(module: nn.Module) -> bool:
     return isinstance(module, SUPPORTED_LAYER_TYPES)
 
 
-def dispatch_layer(target: nn.Module, adapter_name: str, fan_in_fan_out: bool, **kwargs: Any) -> nn.Module | None:
-    """Build the PaLoRA layer for ``target``, or return None when its type is not supported."""
+def dispatch_layer(target: nn.Module, adapter_name: str, **kwargs: Any) -> nn.Module | None:
+    """Build the PaLoRA layer for ``target``, or return None when its type is not supported.
+
+    The weight layout follows the layer type: transformers' ``Conv1D`` stores (in, out) (``fan_in_fan_out``),
+    ``nn.Linear`` (out, in), whatever the config's ``fan_in_fan_out`` says.
+    """
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if isinstance(base, nn.Linear):
-        return Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
-    if isinstance(base, Conv1D):
-        return Linear(target, adapter_name, fan_in_fan_out=True, **kwargs)
+    if isinstance(base, (nn.Linear, Conv1D)):
+        return Linear(target, adapter_name, **kwargs)
     if isinstance(base, nn.Embedding):
         return Embedding(target, adapter_name, **kwargs)
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -73,7 +73,7 @@ class PaLoRAModel(BaseTuner):
         if isinstance(target, PaLoRALayer):
             target.update_layer(adapter_name, **kwargs)
             return
-        new_module = dispatch_layer(target, adapter_name, palora_config.fan_in_fan_out, **kwargs)
+        new_module = dispatch_layer(target, adapter_name, **kwargs)
         if new_module is None:
             raise TypeError(
                 f"Target module '{current_key}' ({type(target).__name__}) is not supported by PaLoRA. Supported: "
