@@ -1,0 +1,744 @@
+"""Training PaLoRA with Accelerate: preference schedule, window of preferences, checkpoints and the final front.
+
+:class:`PaLoRATrainer` runs the paper's recipe on any :class:`~peft_palora.multitask.MultiTaskModel`:
+
+* every optimisation step draws a window of ``m`` preferences from a sampler at ``progress = step / total_steps``
+  (by default the deterministic :class:`~peft_palora.preferences.AnnealedGridSampler`), so every process of a
+  data-parallel run and every resumed run computes the very same preferences without communicating;
+* the window runs as one forward over the batch repeated ``m`` times with one preference per sample
+  (:func:`window_task_losses`), or as ``m`` forwards for models where batching changes the result (batch norm);
+* the ``(m, T)`` task losses go through a :class:`~peft_palora.objectives.MultiTaskObjective`;
+* the task adapters learn at ``T`` times the base learning rate (``peft_palora.adapter_param_groups``);
+* gradient accumulation, mixed precision (where the hardware has it), gradient clipping, trackers, checkpoints
+  every N steps (``accelerator.save_state``) and exact resumption, data order included;
+* at the end, the model is evaluated over a grid of preferences (:func:`peft_palora.pareto.evaluate_front`) and
+  :func:`write_front_report` writes the per-preference metrics, the hypervolume and a plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ._atomic import atomic_write_text
+from .multitask import MultiTaskModel, repeat_batch
+from .objectives import BALANCING_CHOICES, MultiTaskObjective, ObjectiveOutput
+from .preferences import AnnealedGridSampler, PreferenceSampler, simplex_grid
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE_NAME = "trainer_state.json"
+WINDOW_MODES = ("auto", "batched", "sequential")
+MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class PaLoRATrainingArguments:
+    """Training settings; the names follow ``transformers.TrainingArguments`` where they mean the same thing."""
+
+    output_dir: str = field(default="outputs/palora", metadata={"help": "Where checkpoints and results are written."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the base weights and the heads."})
+    adapter_lr_multiplier: float | None = field(
+        default=None, metadata={"help": "Adapters learn at learning_rate times this; default: the number of tasks."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimisation steps; > 0 overrides num_train_epochs."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs, when max_steps <= 0."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimisation step."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (None or 0: off)."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers scheduler name."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "auto (bf16/fp16 on a GPU that has it, else no), no, fp16 or bf16."}
+    )
+    window_size: int = field(default=4, metadata={"help": "Preferences per step (the paper's `num`)."})
+    window_mode: str = field(
+        default="auto",
+        metadata={
+            "help": "batched (one forward over the repeated batch), sequential, or auto (batched unless the "
+            "model has batch norm)."
+        },
+    )
+    sampler_mul: float = field(default=5.0, metadata={"help": "Annealing exponent of the preference schedule."})
+    sampler_epsilon: float = field(default=0.01, metadata={"help": "Margin of the schedule's rays from the vertices."})
+    balancing: str = field(default="none", metadata={"help": "Task balancing: none, loss or gradient."})
+    consistency_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the consistency regulariser (0: off)."}
+    )
+    consistency_temperature: float = field(default=1.0, metadata={"help": "Temperature of the consistency term."})
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "Save a checkpoint every N steps."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
+    report_to: str | None = field(
+        default=None, metadata={"help": "Accelerate trackers (tensorboard, wandb, ..., all); none by default."}
+    )
+    project_name: str = field(default="palora", metadata={"help": "Tracker project name."})
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and dropout."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+    use_cpu: bool = field(
+        default=False,
+        metadata={"help": "Train on the CPU even if an accelerator is present (always the case without one)."},
+    )
+    eval_points_per_side: int = field(default=11, metadata={"help": "Preference grid resolution of the final front."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder to resume from, or 'latest' for the newest in output_dir."},
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Publish the trained model to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repository id for push_to_hub."})
+
+    def __post_init__(self) -> None:
+        if self.window_size < 1:
+            raise ValueError(f"`window_size` must be >= 1, got {self.window_size}.")
+        if self.window_mode not in WINDOW_MODES:
+            raise ValueError(f"`window_mode` must be one of {WINDOW_MODES}, got {self.window_mode!r}.")
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ValueError(
+                f"`mixed_precision` must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}."
+            )
+        if self.balancing not in BALANCING_CHOICES:
+            raise ValueError(f"`balancing` must be one of {BALANCING_CHOICES}, got {self.balancing!r}.")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"`gradient_accumulation_steps` must be >= 1, got {self.gradient_accumulation_steps}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("set `max_steps` > 0 or `num_train_epochs` > 0.")
+        if self.checkpointing_steps is not None and self.checkpointing_steps < 1:
+            raise ValueError(f"`checkpointing_steps` must be >= 1 or None, got {self.checkpointing_steps}.")
+        if self.logging_steps < 1:
+            raise ValueError(f"`logging_steps` must be >= 1, got {self.logging_steps}.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("`push_to_hub` needs `hub_model_id`.")
+        if self.eval_points_per_side < 2:
+            raise ValueError(f"`eval_points_per_side` must be >= 2, got {self.eval_points_per_side}.")
+
+
+def _has_accelerator_device() -> bool:
+    """Whether torch sees a GPU-like device. Without one the trainer's Accelerator is created with ``cpu=True``, which
+    is what lets ``accelerate launch --multi_gpu --num_processes N`` run N CPU processes (gloo) on a GPU-less machine.
+    """
+    from accelerate.utils import is_mps_available, is_xpu_available
+
+    return torch.cuda.is_available() or is_xpu_available() or is_mps_available()
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """``"auto"`` -> ``"bf16"`` on a GPU that supports it, ``"fp16"`` on other GPUs, ``"no"`` elsewhere."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The window of preferences
+# ---------------------------------------------------------------------------------------------------------------------
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` holds batch norm, whose batch statistics would mix the preferences of a batched window."""
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+
+
+def resolve_window_mode(mode: str, model: nn.Module) -> str:
+    if mode not in WINDOW_MODES:
+        raise ValueError(f"`window_mode` must be one of {WINDOW_MODES}, got {mode!r}.")
+    if mode == "auto":
+        return "sequential" if has_batch_norm(model) else "batched"
+    return mode
+
+
+def window_task_losses(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    labels: Mapping[str, torch.Tensor],
+    preferences: torch.Tensor,
+    loss_fns: Mapping[str, LossFn],
+    task_names: Sequence[str],
+    mode: str = "batched",
+) -> torch.Tensor:
+    """The ``(m, T)`` matrix of task losses of one batch under a window of ``m`` preferences.
+
+    ``"batched"`` runs ONE forward: every input tensor is repeated ``m`` times (copy-major, so row ``k * B + b`` is
+    sample ``b``) and given the per-sample preferences ``preferences.repeat_interleave(B, 0)`` (row ``k * B + b`` is
+    ``preferences[k]``); the logits are then cut back into ``m`` blocks of ``B`` rows. ``"sequential"`` runs ``m``
+    forwards, one per preference. Both give the same losses (up to float rounding) for models whose samples do not
+    interact, and the batched one amortises the per-call overhead; models with batch norm need the sequential one.
+
+    Args:
+        model: a :class:`MultiTaskModel` (possibly wrapped by Accelerate/DDP) returning ``{task: logits}``.
+        inputs: the backbone's inputs (no label columns).
+        labels: ``{task: labels}`` for the ``B`` samples.
+        preferences: ``(m, T)``.
+        loss_fns: ``{task: loss_fn(logits, labels) -> scalar}``, each averaging over its samples.
+        task_names: the task order of the preference columns.
+    """
+    if preferences.dim() != 2 or preferences.shape[1] != len(task_names):
+        raise ValueError(f"`preferences` must have shape (m, {len(task_names)}), got {tuple(preferences.shape)}.")
+    num_rays = preferences.shape[0]
+    if mode == "batched":
+        repeated, batch_size = repeat_batch(inputs, num_rays)
+        per_sample = preferences.repeat_interleave(batch_size, dim=0)
+        outputs = model(**repeated, preference=per_sample)
+        columns = []
+        for task in task_names:
+            blocks = outputs[task].split(batch_size, dim=0)
+            columns.append(torch.stack([loss_fns[task](block, labels[task]) for block in blocks]))
+        return torch.stack(columns, dim=1)
+    if mode == "sequential":
+        rows = []
+        for preference in preferences:
+            outputs = model(**inputs, preference=preference)
+            rows.append(torch.stack([loss_fns[task](outputs[task], labels[task]) for task in task_names]))
+        return torch.stack(rows, dim=0)
+    raise ValueError(f"`mode` must be 'batched' or 'sequential', got {mode!r}.")
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose arg-max logit is the label."""
+    return (logits.argmax(dim=-1) == labels).float().mean()
+
+
+@torch.no_grad()
+def evaluate_multitask(
+    model: nn.Module,
+    dataloader: Any,
+    preference: Any = None,
+    loss_fns: Mapping[str, LossFn] | None = None,
+    metric_fns: Mapping[str, MetricFn] | None = None,
+    gather: Callable[[Any], Any] | None = None,
+    unwrapped: MultiTaskModel | None = None,
+) -> dict[str, float]:
+    """``{<task>_loss, <task>_<metric>}`` of a :class:`MultiTaskModel` over ``dataloader`` at ``preference``.
+
+    Args:
+        model: the multi-task model (possibly wrapped by Accelerate; then pass ``unwrapped`` too).
+        preference: ``(T,)`` preference for this evaluation; ``None`` keeps the one in force.
+        loss_fns: ``{task: loss_fn(logits, labels)}``; cross-entropy by default.
+        metric_fns: ``{name: fn(logits, labels)}``; ``{"accuracy": accuracy}`` by default.
+        gather: combines each batch's ``(logits, labels)`` across processes (``accelerator.gather_for_metrics``).
+    """
+    unwrapped = unwrapped if unwrapped is not None else model
+    task_names = unwrapped.task_names
+    loss_fns = dict(loss_fns) if loss_fns is not None else {task: F.cross_entropy for task in task_names}
+    metric_fns = dict(metric_fns) if metric_fns is not None else {"accuracy": accuracy}
+    logits: dict[str, list[torch.Tensor]] = {task: [] for task in task_names}
+    labels: dict[str, list[torch.Tensor]] = {task: [] for task in task_names}
+    for batch in dataloader:
+        inputs = unwrapped.model_inputs(batch)
+        batch_labels = unwrapped.labels(batch)
+        outputs = model(**inputs) if preference is None else model(**inputs, preference=preference)
+        batch_logits = {task: outputs[task].float() for task in task_names}
+        if gather is not None:
+            batch_logits, batch_labels = gather((batch_logits, batch_labels))
+        for task in task_names:
+            logits[task].append(batch_logits[task].cpu())
+            labels[task].append(batch_labels[task].cpu())
+    metrics: dict[str, float] = {}
+    for task in task_names:
+        task_logits, task_labels = torch.cat(logits[task]), torch.cat(labels[task])
+        metrics[f"{task}_loss"] = float(loss_fns[task](task_logits, task_labels))
+        for name, metric_fn in metric_fns.items():
+            metrics[f"{task}_{name}"] = float(metric_fn(task_logits, task_labels))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------------
+def _step_seed(seed: int, micro_step: int, process_index: int) -> int:
+    """A seed for one micro-batch, a pure function of (seed, micro-step, rank).
+
+    Re-seeding every micro-batch makes the randomness inside a step (dropout) independent of whatever consumed random
+    numbers before it (a data loader drawing its worker seed, say), which is what lets a resumed run replay exactly.
+    """
+    return (seed * 1_000_003 + micro_step * 257 + process_index) % (2**32)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The ``checkpoint-<step>`` folder of ``output_dir`` with the largest step that has a trainer state, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isfile(os.path.join(output_dir, name, TRAINER_STATE_NAME)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return max(found)[1] if found else None
+
+
+@dataclass
+class TrainOutput:
+    """What :meth:`PaLoRATrainer.train` returns."""
+
+    global_step: int
+    training_loss: float
+    front: Any = None
+    log_history: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------------------------------
+class PaLoRATrainer:
+    """Trains a :class:`MultiTaskModel` with PaLoRA's recipe on Accelerate (single process, DDP, CPU or GPU).
+
+    Args:
+        model: the multi-task model (PEFT backbone with PaLoRA adapters + task heads + ``label_columns``).
+        args: :class:`PaLoRATrainingArguments`.
+        train_dataloader: batches holding the model inputs and every task's label column. Shuffle with
+            ``shuffle=True``: the trainer's Accelerator replaces the random sampler by a seeded one whose order is a
+            function of ``(args.seed, epoch)``, which makes the data order resumable.
+        eval_dataloader: optional; used by :meth:`evaluate` and the final front.
+        loss_fns: ``{task: loss_fn(logits, labels)}``; cross-entropy for every task by default.
+        metric_fns: ``{name: fn(logits, labels)}`` computed per task at evaluation; ``{"accuracy": ...}`` by default.
+        preference_sampler: a :class:`~peft_palora.preferences.PreferenceSampler` giving ``window_size`` rays; by
+            default ``AnnealedGridSampler(T, window_size, sampler_mul, sampler_epsilon)``.
+        objective: a :class:`MultiTaskObjective`; by default one built from ``args``.
+        accelerator: an existing Accelerator (created from ``args`` when omitted). A user-provided one should use
+            ``DataLoaderConfiguration(use_seedable_sampler=True)`` and ``step_scheduler_with_optimizer=False``.
+        optimizer: by default AdamW over ``peft_palora.adapter_param_groups`` (adapters at ``lr * T``).
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        args: PaLoRATrainingArguments,
+        train_dataloader: DataLoader,
+        eval_dataloader: DataLoader | None = None,
+        loss_fns: Mapping[str, LossFn] | None = None,
+        metric_fns: Mapping[str, MetricFn] | None = None,
+        preference_sampler: PreferenceSampler | None = None,
+        objective: MultiTaskObjective | None = None,
+        accelerator: Accelerator | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ):
+        if not isinstance(model, MultiTaskModel):
+            raise TypeError(f"`model` must be a MultiTaskModel, got {type(model).__name__}.")
+        if not isinstance(args, PaLoRATrainingArguments):
+            raise TypeError(f"`args` must be PaLoRATrainingArguments, got {type(args).__name__}.")
+        if set(model.label_columns) != set(model.task_names):
+            raise ValueError(f"`model.label_columns` must name every task {model.task_names}.")
+        self.args = args
+        self.task_names = model.task_names
+        num_tasks = model.num_tasks
+        self.loss_fns = dict(loss_fns) if loss_fns is not None else {task: F.cross_entropy for task in self.task_names}
+        missing = sorted(set(self.task_names) - set(self.loss_fns))
+        if missing:
+            raise ValueError(f"`loss_fns` has no loss for tasks {missing}.")
+        self.metric_fns = dict(metric_fns) if metric_fns is not None else {"accuracy": accuracy}
+        self.preference_sampler = preference_sampler or AnnealedGridSampler(
+            num_tasks, num_rays=args.window_size, mul=args.sampler_mul, epsilon=args.sampler_epsilon
+        )
+        if self.preference_sampler.num_tasks != num_tasks:
+            raise ValueError(
+                f"`preference_sampler` draws {self.preference_sampler.num_tasks} tasks, the model has {num_tasks}."
+            )
+        self.objective = objective or MultiTaskObjective(
+            num_tasks,
+            balancing=args.balancing,
+            consistency_weight=args.consistency_weight,
+            consistency_temperature=args.consistency_temperature,
+        )
+        self.window_mode = resolve_window_mode(args.window_mode, model)
+
+        if accelerator is None:
+            set_seed(args.seed)
+            accelerator = Accelerator(
+                cpu=args.use_cpu or not _has_accelerator_device(),
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                mixed_precision=resolve_mixed_precision(args.mixed_precision),
+                log_with=args.report_to,
+                project_dir=args.output_dir,
+                dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+                step_scheduler_with_optimizer=False,
+            )
+        self.accelerator = accelerator
+
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(
+                _param_groups(model, args.learning_rate, args.weight_decay, args.adapter_lr_multiplier)
+            )
+        self.model, self.optimizer, self.train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+        self.eval_dataloader = accelerator.prepare(eval_dataloader) if eval_dataloader is not None else None
+
+        self.steps_per_epoch = math.ceil(len(self.train_dataloader) / args.gradient_accumulation_steps)
+        if args.max_steps > 0:
+            self.max_steps = args.max_steps
+        else:
+            self.max_steps = max(1, math.ceil(args.num_train_epochs * self.steps_per_epoch))
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(
+            args.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=args.warmup_steps,
+            num_training_steps=self.max_steps,
+        )
+        self.lr_scheduler = accelerator.prepare(scheduler)
+
+        self.global_step = 0
+        self.micro_step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.log_history: list[dict[str, float]] = []
+
+    # ---- conveniences -------------------------------------------------------------------------------------------
+    @property
+    def unwrapped_model(self) -> MultiTaskModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _shared_parameters(self) -> list[nn.Parameter]:
+        return [parameter for parameter in self.unwrapped_model.backbone.parameters() if parameter.requires_grad]
+
+    def _reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="mean")
+
+    def sample_preferences(self, global_step: int, micro_step: int) -> torch.Tensor:
+        """The window for a micro-batch: a pure function of the step, identical on every process."""
+        progress = min(global_step / self.max_steps, 1.0)
+        preferences = self.preference_sampler.sample(progress, step=micro_step)
+        return preferences.to(device=self.accelerator.device, dtype=torch.float32)
+
+    # ---- one step -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, Any], preferences: torch.Tensor) -> ObjectiveOutput:
+        """Forward the window, compute the objective and back-propagate (no optimiser step)."""
+        unwrapped = self.unwrapped_model
+        inputs = unwrapped.model_inputs(batch)
+        labels = unwrapped.labels(batch)
+        task_losses = window_task_losses(
+            self.model, inputs, labels, preferences, self.loss_fns, self.task_names, mode=self.window_mode
+        )
+        output = self.objective(
+            task_losses,
+            preferences,
+            shared_parameters=self._shared_parameters() if self.objective.needs_shared_parameters else None,
+            reduce_fn=self._reduce_mean,
+        )
+        self.accelerator.backward(output.loss)
+        return output
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
+        """Train for ``max_steps`` optimisation steps, then evaluate the front if there is an eval dataloader.
+
+        Args:
+            resume_from_checkpoint: a ``checkpoint-<step>`` folder, or True / ``"latest"`` for the newest one in
+                ``output_dir``; default ``args.resume_from_checkpoint``.
+                The run continues exactly where the checkpoint left it: parameters, optimiser, scheduler, loss
+                balancer, preference schedule and data order.
+        """
+        from tqdm.auto import tqdm
+
+        args, accelerator = self.args, self.accelerator
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = args.resume_from_checkpoint
+        if resume_from_checkpoint:
+            latest = resume_from_checkpoint is True or resume_from_checkpoint == "latest"
+            path = latest_checkpoint(args.output_dir) if latest else resume_from_checkpoint
+            if path is None:
+                raise ValueError(f"resuming from the latest checkpoint but {args.output_dir!r} holds none.")
+            self.load_checkpoint(path)
+        if args.report_to:
+            accelerator.init_trackers(args.project_name, config=_tracker_config(args))
+
+        progress_bar = tqdm(
+            total=self.max_steps,
+            initial=self.global_step,
+            disable=args.disable_tqdm or not accelerator.is_local_main_process,
+            desc="PaLoRA",
+        )
+        self.model.train()
+        running = _RunningStats(self.task_names)
+        total_loss, total_count = 0.0, 0
+        while self.global_step < self.max_steps:
+            if self.batches_in_epoch >= len(self.train_dataloader):
+                self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+            self.train_dataloader.set_epoch(self.epoch)
+            dataloader = self.train_dataloader
+            if self.batches_in_epoch > 0:
+                dataloader = accelerator.skip_first_batches(self.train_dataloader, self.batches_in_epoch)
+            for batch in dataloader:
+                with accelerator.accumulate(self.model):
+                    set_seed(_step_seed(args.seed, self.micro_step, accelerator.process_index))
+                    preferences = self.sample_preferences(self.global_step, self.micro_step)
+                    output = self.training_step(batch, preferences)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                self.micro_step += 1
+                self.batches_in_epoch += 1
+                running.add(output)
+                if not accelerator.sync_gradients:
+                    continue
+                self.lr_scheduler.step()
+                self.global_step += 1
+                progress_bar.update(1)
+                if self.global_step % args.logging_steps == 0 or self.global_step == self.max_steps:
+                    logs = running.summary(self._reduce_mean)
+                    logs["train/learning_rate"] = self.lr_scheduler.get_last_lr()[0]
+                    logs["train/epoch"] = self.epoch + self.batches_in_epoch / max(len(self.train_dataloader), 1)
+                    total_loss += logs["train/loss"] * running.count
+                    total_count += running.count
+                    running = _RunningStats(self.task_names)
+                    self.log_history.append({"step": self.global_step, **logs})
+                    progress_bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                    if args.report_to:
+                        accelerator.log(logs, step=self.global_step)
+                if args.checkpointing_steps and self.global_step % args.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                if self.global_step >= self.max_steps:
+                    break
+            else:
+                # the loader is exhausted: the next pass is a new epoch
+                self.batches_in_epoch = len(self.train_dataloader)
+        progress_bar.close()
+
+        front = None
+        if self.eval_dataloader is not None:
+            front = self.evaluate_front()
+        if args.report_to:
+            accelerator.end_training()
+        return TrainOutput(
+            global_step=self.global_step,
+            training_loss=total_loss / max(total_count, 1),
+            front=front,
+            log_history=list(self.log_history),
+        )
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate(self, preference: Any = None, dataloader: DataLoader | None = None) -> dict[str, float]:
+        """Loss and metrics of every task on the eval set, at ``preference`` (default: the one in force).
+
+        Logits and labels are gathered from all processes (``gather_for_metrics`` drops the samples Accelerate
+        duplicated to even out the shards), so every process returns the same numbers, over the whole set.
+        """
+        dataloader = dataloader or self.eval_dataloader
+        if dataloader is None:
+            raise ValueError("`evaluate` needs an eval dataloader.")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return evaluate_multitask(
+                self.model,
+                dataloader,
+                preference=preference,
+                loss_fns=self.loss_fns,
+                metric_fns=self.metric_fns,
+                gather=self.accelerator.gather_for_metrics,
+                unwrapped=self.unwrapped_model,
+            )
+        finally:
+            self.model.train(was_training)
+
+    def evaluate_front(self, preferences: torch.Tensor | None = None, dataloader: DataLoader | None = None):
+        """Evaluate at every preference of a grid (default: ``simplex_grid(T, eval_points_per_side)``).
+
+        Returns the :func:`peft_palora.pareto.evaluate_front` table: ``pref_<task>`` columns then, per task,
+        ``<task>_loss`` and ``<task>_<metric>``.
+        """
+        from .pareto import evaluate_front
+
+        if preferences is None:
+            preferences = simplex_grid(len(self.task_names), self.args.eval_points_per_side)
+        unwrapped = self.unwrapped_model
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return evaluate_front(
+                unwrapped,
+                preferences,
+                lambda _model: self.evaluate(dataloader=dataloader),
+                task_names=self.task_names,
+            )
+        finally:
+            self.model.train(was_training)
+
+    # ---- saving -------------------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None) -> str:
+        """Save the adapter bundle and the task heads (main process only); returns the folder."""
+        output_dir = output_dir or self.args.output_dir
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.unwrapped_model.save_pretrained(output_dir)
+        self.accelerator.wait_for_everyone()
+        return output_dir
+
+    def _trainer_state(self) -> dict[str, Any]:
+        objective_state = self.objective.state_dict()["loss_balancer"]
+        return {
+            "global_step": self.global_step,
+            "micro_step": self.micro_step,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "max_steps": self.max_steps,
+            "objective": {
+                "running_mean": [float(value) for value in objective_state["running_mean"].tolist()],
+                "num_updates": int(objective_state["num_updates"]),
+            },
+            "log_history": self.log_history,
+        }
+
+    def save_checkpoint(self, path: str | None = None) -> str:
+        """``accelerator.save_state`` (model, optimizer, scheduler, RNG) plus ``trainer_state.json``."""
+        path = path or os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(path)
+        if self.accelerator.is_main_process:
+            atomic_write_text(os.path.join(path, TRAINER_STATE_NAME), json.dumps(self._trainer_state(), indent=2))
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore a :meth:`save_checkpoint` folder into this trainer."""
+        state_path = os.path.join(path, TRAINER_STATE_NAME)
+        if not os.path.isfile(state_path):
+            raise FileNotFoundError(f"{path!r} is not a PaLoRA checkpoint: it has no {TRAINER_STATE_NAME}.")
+        with open(state_path, encoding="utf-8") as handle:
+            state = json.load(handle)
+        if state["max_steps"] != self.max_steps:
+            raise ValueError(
+                f"the checkpoint was trained for max_steps={state['max_steps']}, this run has {self.max_steps}: the "
+                "preference schedule depends on it, so the runs would differ."
+            )
+        self.accelerator.load_state(path)
+        self.global_step = int(state["global_step"])
+        self.micro_step = int(state["micro_step"])
+        self.epoch = int(state["epoch"])
+        self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.objective.load_state_dict(
+            {
+                "loss_balancer": {
+                    "running_mean": torch.tensor(state["objective"]["running_mean"], dtype=torch.float64),
+                    "num_updates": state["objective"]["num_updates"],
+                }
+            }
+        )
+        self.log_history = list(state.get("log_history", []))
+
+
+class _RunningStats:
+    """Sums of the logged quantities between two logging steps."""
+
+    def __init__(self, task_names: Sequence[str]):
+        self.task_names = list(task_names)
+        self.count = 0
+        self.loss = 0.0
+        self.consistency = 0.0
+        self.task_losses = torch.zeros(len(self.task_names), dtype=torch.float64)
+
+    def add(self, output: ObjectiveOutput) -> None:
+        self.count += 1
+        self.loss += float(output.loss.detach())
+        self.consistency += float(output.consistency)
+        self.task_losses += output.task_losses.detach().double().mean(dim=0).cpu()
+
+    def summary(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        count = max(self.count, 1)
+        values = (
+            torch.cat([torch.tensor([self.loss, self.consistency], dtype=torch.float64), self.task_losses]) / count
+        )
+        values = reduce_fn(values.float()).double().cpu()
+        logs = {"train/loss": float(values[0]), "train/consistency": float(values[1])}
+        for index, task in enumerate(self.task_names):
+            logs[f"train/loss_{task}"] = float(values[2 + index])
+        return logs
+
+
+def _param_groups(
+    model: MultiTaskModel, lr: float, weight_decay: float, adapter_lr_multiplier: float | None
+) -> list[dict[str, Any]]:
+    from .optimization import adapter_param_groups
+
+    return adapter_param_groups(model, lr=lr, weight_decay=weight_decay, adapter_lr_multiplier=adapter_lr_multiplier)
+
+
+def _tracker_config(args: PaLoRATrainingArguments) -> dict[str, Any]:
+    """Tracker-friendly copy of the arguments (numbers, strings and bools only)."""
+    config = {}
+    for key, value in dataclasses.asdict(args).items():
+        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reporting the front
+# ---------------------------------------------------------------------------------------------------------------------
+def write_front_report(
+    front: Any,
+    output_dir: str,
+    task_names: Sequence[str],
+    metric: str = "accuracy",
+    maximize: bool = True,
+    reference: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Write the front's metrics (``front.json``), hypervolume and plot (``front.png``) to ``output_dir``.
+
+    Args:
+        front: the table of :meth:`PaLoRATrainer.evaluate_front` (``pref_<task>`` and ``<task>_<metric>`` columns).
+        metric: the per-task metric whose front is measured, e.g. ``"accuracy"`` or ``"loss"``.
+        maximize: whether larger values of ``metric`` are better.
+        reference: the hypervolume's reference point; default the origin when maximising, else 1.1 x the worst
+            value of each task.
+
+    Returns:
+        ``{"hypervolume": float, "reference": [...], "json": path, "plot": path or None}``; the plot is drawn for
+        two tasks only.
+    """
+    from .pareto import hypervolume
+
+    columns = [f"{task}_{metric}" for task in task_names]
+    missing = [column for column in columns if column not in front.columns]
+    if missing:
+        raise ValueError(f"`front` has no columns {missing}; available: {list(front.columns)}.")
+    points = front[columns].to_numpy(dtype=float)
+    preferences = front[[f"pref_{task}" for task in task_names]].to_numpy(dtype=float)
+    if reference is None:
+        reference = [0.0] * len(task_names) if maximize else (points.max(axis=0) * 1.1).tolist()
+    volume = float(hypervolume(points, reference=reference, maximize=maximize))
+    os.makedirs(output_dir, exist_ok=True)
+    report = {
+        "task_names": list(task_names),
+        "metric": metric,
+        "maximize": maximize,
+        "hypervolume": volume,
+        "reference": [float(value) for value in reference],
+        "front": front.to_dict(orient="records"),
+    }
+    json_path = os.path.join(output_dir, "front.json")
+    atomic_write_text(json_path, json.dumps(report, indent=2))
+    plot_path = None
+    if len(task_names) == 2:
+        from .plotting import plot_front_2d
+
+        plot_path = plot_front_2d(
+            points,
+            preferences,
+            path=os.path.join(output_dir, "front.png"),
+            labels=[f"{task} {metric}" for task in task_names],
+            maximize=maximize,
+            task_names=list(task_names),
+            title=f"PaLoRA front (hypervolume {volume:.4f})",
+        )
+    return {"hypervolume": volume, "reference": report["reference"], "json": json_path, "plot": plot_path}
