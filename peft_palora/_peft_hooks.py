@@ -20,7 +20,7 @@ import shutil
 from typing import Any
 
 from peft import PeftModel
-from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
 from torch import nn
 
 from ._atomic import atomic_directory
@@ -49,7 +49,13 @@ def check_local_bundle(directory: str) -> dict | None:
         raise ValueError(f"{config_path} is not valid JSON: {error}") from error
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}.")
-    if config.get("peft_type") != PALORA:
+    peft_type = config.get("peft_type")
+    if peft_type not in PeftType.__members__:
+        raise ValueError(
+            f"{config_path} has peft_type {peft_type!r}, which this PEFT installation does not know "
+            f"(e.g. {PALORA!r} for PaLoRA, after `import peft_palora`)."
+        )
+    if peft_type != PALORA:
         return None
 
     from .config import PaLoRAConfig

@@ -294,10 +294,16 @@ def _check_bundle_matches_model(model: nn.Module, config: PaLoRAConfig, adapter_
     problems = []
     missing = sorted(expected - given)
     if missing:
-        problems.append(f"missing from the bundle: {_short_list(missing)}")
+        problems.append(
+            f"missing from the bundle (its config's target_modules adapt layers its weights do not hold): "
+            f"{_short_list(missing)}"
+        )
     unexpected = sorted(key for key in given if key not in model_state)
     if unexpected:
-        problems.append(f"in the bundle but not in the model (another base model?): {_short_list(unexpected)}")
+        problems.append(
+            "in the bundle but not in the model (another base model, or a config whose target_modules differ from "
+            f"the weights'): {_short_list(unexpected)}"
+        )
     for key, value in checkpoint.items():
         key = model_key(key)
         if key in model_state and tuple(value.shape) != tuple(model_state[key].shape):

@@ -187,6 +187,10 @@ def _base_outputs(model):
         ("config_unknown_field", "fields PaLoRAConfig does not know: \\['mystery'\\]"),
         ("config_missing_num_tasks", "adapter_config.json is not a valid PaLoRA config: Give `num_tasks`"),
         ("config_bad_rank", "adapter_config.json is not a valid PaLoRA config: `r` must be >= 1"),
+        ("config_unknown_peft_type", "adapter_config.json has peft_type 'FOO', which this PEFT installation"),
+        ("config_other_rank", "shape of .*query.palora_A.default: bundle \\(6, 16\\), model \\(3, 16\\)"),
+        ("config_more_targets", "missing from the bundle \\(its config's target_modules"),
+        ("config_fewer_targets", "in the bundle but not in the model"),
     ],
 )
 def test_damaged_bundles_are_refused_naming_the_file_and_base_model_untouched(tmp_path, damage, message):
@@ -209,6 +213,14 @@ def test_damaged_bundles_are_refused_naming_the_file_and_base_model_untouched(tm
         json.dump({k: v for k, v in config.items() if k not in ("num_tasks", "task_names")}, open(config_path, "w"))
     elif damage == "config_bad_rank":
         json.dump({**config, "r": 0}, open(config_path, "w"))
+    elif damage == "config_unknown_peft_type":
+        json.dump({**config, "peft_type": "FOO"}, open(config_path, "w"))
+    elif damage == "config_other_rank":
+        json.dump({**config, "r": 1}, open(config_path, "w"))
+    elif damage == "config_more_targets":
+        json.dump({**config, "target_modules": ["query", "value", "key"]}, open(config_path, "w"))
+    elif damage == "config_fewer_targets":
+        json.dump({**config, "target_modules": ["query"]}, open(config_path, "w"))
     base = AutoModel.from_pretrained(base_dir)
     expected = _base_outputs(base)
     with pytest.raises(ValueError, match=message):
