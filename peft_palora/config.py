@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Literal
@@ -76,10 +77,19 @@ class PaLoRAConfig(PeftConfig):
         self.peft_type = PeftType.PALORA
         self._validate_tasks()
         _check_int("r", self.r, minimum=1)
-        if isinstance(self.palora_alpha, bool) or not isinstance(self.palora_alpha, numbers.Real):
-            raise TypeError(f"`palora_alpha` must be a number, got {type(self.palora_alpha).__name__}.")
+        for name in ("palora_alpha", "palora_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r}).")
+        if not math.isfinite(self.palora_alpha):
+            raise ValueError(f"`palora_alpha` must be finite, got {self.palora_alpha}.")
         if not 0.0 <= float(self.palora_dropout) < 1.0:
             raise ValueError(f"`palora_dropout` must be in [0, 1), got {self.palora_dropout}.")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            names_ok = isinstance(value, (list, tuple, set)) and all(isinstance(item, str) for item in value)
+            if value is not None and not isinstance(value, str) and not names_ok:
+                raise TypeError(f"`{name}` must be a regex string, a list of module names or None, got {value!r}.")
         if self.bias not in _BIAS_OPTIONS:
             raise ValueError(f"`bias` must be one of {_BIAS_OPTIONS}, got {self.bias!r}.")
         if isinstance(self.target_modules, list):

@@ -82,16 +82,23 @@ class PaLoRAModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # adding a further adapter does not make it trainable
         self._replace_module(parent, target_name, new_module, target)
+        self.__dict__.setdefault("_replaced_during_injection", []).append((parent, target_name, target))
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_replaced_during_injection"] = []
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except ValueError as error:
-            if "not found in the base model" not in str(error):
+        except BaseException as error:
+            # A refused injection must not leave the user's model half-adapted: put back every replaced layer.
+            for parent, target_name, original in reversed(self.__dict__["_replaced_during_injection"]):
+                setattr(parent, target_name, original)
+            if not isinstance(error, ValueError) or "not found in the base model" not in str(error):
                 raise
             adaptable = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                                 if name and dispatch_layer_type_supported(module)})
             raise type(error)(f"{error} Layers of this model that PaLoRA can adapt: {adaptable}.") from error
+        finally:
+            self.__dict__.pop("_replaced_during_injection", None)
 
     def _post_injection_hook(self, model: nn.Module, config: PaLoRAConfig, adapter_name: str) -> None:
         if hasattr(model, "add_model_tags"):  # transformers models: PEFT copies these tags into the model card
