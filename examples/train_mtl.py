@@ -33,6 +33,7 @@ import os
 from dataclasses import dataclass, field
 
 from accelerate import PartialState
+from accelerate.utils import set_seed
 from peft import get_peft_model
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser
@@ -107,6 +108,9 @@ def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, PaLoRAArguments, TrainingArguments))
     model_args, data_args, palora_args, training_args = parser.parse_args_into_dataclasses()
 
+    # torch seeds every fresh process differently: without this, two runs of the same command (or a run and its
+    # resumption) would build different initial weights.
+    set_seed(training_args.seed)
     name_or_path = minilm_path() if model_args.model_name_or_path == "minilm" else model_args.model_name_or_path
     base_model, tokenizer = load_backbone(name_or_path, kind=model_args.backbone)
     data = load_multitask_data(

@@ -130,19 +130,31 @@ class MultiTaskModel(nn.Module):
         pooling: str = "auto",
     ):
         super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"`backbone` must be a PEFT model with a PaLoRA adapter, got {type(backbone).__name__}.")
         if not isinstance(heads, (Mapping, nn.ModuleDict)) or len(heads) < 2:
             raise ValueError("`heads` must map at least two task names to modules.")
+        for task, head in heads.items():
+            if not isinstance(head, nn.Module):
+                raise TypeError(f"`heads[{task!r}]` must be a torch module, got {type(head).__name__}.")
         if pooling not in POOLING_CHOICES:
             raise ValueError(f"`pooling` must be one of {POOLING_CHOICES}, got {pooling!r}.")
         task_names = list(heads.keys())
         config = _palora_config(backbone)
-        if config is not None:
-            if config.num_tasks != len(task_names):
-                raise ValueError(f"`heads` has {len(task_names)} tasks, the PaLoRA config {config.num_tasks}.")
-            if config.task_names and list(config.task_names) != task_names:
-                raise ValueError(
-                    f"`heads` tasks {task_names} differ from the config's task_names {config.task_names}."
-                )
+        if config is None or not callable(getattr(backbone, "set_preference", None)):
+            # without it the preference would reach nothing (and `set_preference` would fail much later)
+            raise ValueError(
+                f"`backbone` ({type(backbone).__name__}) is not a PEFT model with a PaLoRA adapter; pass "
+                "get_peft_model(base_model, PaLoRAConfig(...))."
+            )
+        if config.num_tasks != len(task_names):
+            raise ValueError(f"`heads` has {len(task_names)} tasks, the PaLoRA config {config.num_tasks}.")
+        if config.task_names and list(config.task_names) != task_names:
+            raise ValueError(f"`heads` tasks {task_names} differ from the config's task_names {config.task_names}.")
+        if label_columns is not None and not isinstance(label_columns, Mapping):
+            raise TypeError(
+                f"`label_columns` must map task names to batch columns, got {type(label_columns).__name__}."
+            )
         label_columns = dict(label_columns) if label_columns is not None else {}
         unknown = sorted(set(label_columns) - set(task_names))
         if unknown:

@@ -82,6 +82,8 @@ def _check_step(step) -> int | None:
 
 def _format_values(values: torch.Tensor) -> str:
     """Short, readable rendering of offending values for error messages."""
+    if values.numel() == 0:
+        return str(values.tolist())
     flat = values.detach().reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
     rows = [[round(float(v), 6) for v in row] for row in flat[:_MAX_VALUES_IN_MESSAGE].tolist()]
     text = str(rows[0]) if values.ndim == 1 else str(rows)
@@ -195,6 +197,8 @@ def validate_preference(
         values = _from_mapping(pref, num_tasks, task_names, name)
     elif isinstance(pref, torch.Tensor):
         _check_tensor_dtype(pref.dtype, name)
+        if pref.is_meta:
+            raise ValueError(f"{name} is a meta tensor, which holds no values; give a tensor with data.")
         if pref.dtype.is_floating_point:
             # A float16 weight like 0.3 is stored as 0.2998..., so the sum check must allow for that rounding.
             tolerance = max(SUM_TOLERANCE, num_tasks * torch.finfo(pref.dtype).eps)

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -106,8 +107,11 @@ class PaLoRATrainingArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Repository id for push_to_hub."})
 
     def __post_init__(self) -> None:
-        if self.window_size < 1:
-            raise ValueError(f"`window_size` must be >= 1, got {self.window_size}.")
+        # Types first, so that a wrong one fails with a message naming the argument rather than deep in a comparison.
+        for name, minimum in _INT_ARGUMENTS.items():
+            _check_int_argument(name, getattr(self, name), minimum)
+        for name, (minimum, inclusive) in _REAL_ARGUMENTS.items():
+            _check_real_argument(name, getattr(self, name), minimum, inclusive)
         if self.window_mode not in WINDOW_MODES:
             raise ValueError(f"`window_mode` must be one of {WINDOW_MODES}, got {self.window_mode!r}.")
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
@@ -116,20 +120,66 @@ class PaLoRATrainingArguments:
             )
         if self.balancing not in BALANCING_CHOICES:
             raise ValueError(f"`balancing` must be one of {BALANCING_CHOICES}, got {self.balancing!r}.")
-        if self.gradient_accumulation_steps < 1:
-            raise ValueError(f"`gradient_accumulation_steps` must be >= 1, got {self.gradient_accumulation_steps}.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set `max_steps` > 0 or `num_train_epochs` > 0.")
-        if self.checkpointing_steps is not None and self.checkpointing_steps < 1:
-            raise ValueError(f"`checkpointing_steps` must be >= 1 or None, got {self.checkpointing_steps}.")
-        if self.logging_steps < 1:
-            raise ValueError(f"`logging_steps` must be >= 1, got {self.logging_steps}.")
+        if not self.sampler_epsilon < 0.5:
+            raise ValueError(f"`sampler_epsilon` must be in [0, 0.5) (at most 1/T), got {self.sampler_epsilon}.")
+        if self.seed >= 2**32:
+            raise ValueError(f"`seed` must be < 2**32 (numpy's seed range), got {self.seed}.")
+        from transformers import SchedulerType
+
+        schedulers = [scheduler.value for scheduler in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise ValueError(f"`lr_scheduler_type` must be one of {schedulers}, got {self.lr_scheduler_type!r}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id`.")
-        if self.eval_points_per_side < 2:
-            raise ValueError(f"`eval_points_per_side` must be >= 2, got {self.eval_points_per_side}.")
+
+
+# name -> smallest allowed value (None: no bound); arguments that may also be None are listed in _OPTIONAL_ARGUMENTS
+_INT_ARGUMENTS = {
+    "max_steps": None,
+    "gradient_accumulation_steps": 1,
+    "warmup_steps": 0,
+    "window_size": 1,
+    "checkpointing_steps": 1,
+    "logging_steps": 1,
+    "seed": 0,
+    "eval_points_per_side": 2,
+}
+# name -> (smallest allowed value, whether that value itself is allowed); every value must be finite
+_REAL_ARGUMENTS = {
+    "learning_rate": (0.0, False),
+    "adapter_lr_multiplier": (0.0, False),
+    "weight_decay": (0.0, True),
+    "num_train_epochs": (0.0, True),
+    "max_grad_norm": (0.0, True),
+    "sampler_mul": (0.0, True),
+    "sampler_epsilon": (0.0, True),
+    "consistency_weight": (0.0, True),
+    "consistency_temperature": (0.0, False),
+}
+_OPTIONAL_ARGUMENTS = ("checkpointing_steps", "adapter_lr_multiplier", "max_grad_norm")
+
+
+def _check_int_argument(name: str, value: Any, minimum: int | None) -> None:
+    if value is None and name in _OPTIONAL_ARGUMENTS:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
+    if minimum is not None and value < minimum:
+        suffix = " or None" if name in _OPTIONAL_ARGUMENTS else ""
+        raise ValueError(f"`{name}` must be >= {minimum}{suffix}, got {value}.")
+
+
+def _check_real_argument(name: str, value: Any, minimum: float, inclusive: bool) -> None:
+    if value is None and name in _OPTIONAL_ARGUMENTS:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r}).")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    if value < minimum or (value == minimum and not inclusive):
+        raise ValueError(f"`{name}` must be {'>=' if inclusive else '>'} {minimum:g}, got {value}.")
 
 
 def _has_accelerator_device() -> bool:
@@ -337,6 +387,18 @@ class PaLoRATrainer:
             raise TypeError(f"`args` must be PaLoRATrainingArguments, got {type(args).__name__}.")
         if set(model.label_columns) != set(model.task_names):
             raise ValueError(f"`model.label_columns` must name every task {model.task_names}.")
+        if not isinstance(train_dataloader, DataLoader):
+            raise TypeError(f"`train_dataloader` must be a torch DataLoader, got {type(train_dataloader).__name__}.")
+        if eval_dataloader is not None and not isinstance(eval_dataloader, DataLoader):
+            raise TypeError(f"`eval_dataloader` must be a torch DataLoader, got {type(eval_dataloader).__name__}.")
+        if preference_sampler is not None and not isinstance(preference_sampler, PreferenceSampler):
+            raise TypeError(
+                f"`preference_sampler` must be a PreferenceSampler, got {type(preference_sampler).__name__}."
+            )
+        if objective is not None and not isinstance(objective, MultiTaskObjective):
+            raise TypeError(f"`objective` must be a MultiTaskObjective, got {type(objective).__name__}.")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         self.args = args
         self.task_names = model.task_names
         num_tasks = model.num_tasks
@@ -345,6 +407,10 @@ class PaLoRATrainer:
         if missing:
             raise ValueError(f"`loss_fns` has no loss for tasks {missing}.")
         self.metric_fns = dict(metric_fns) if metric_fns is not None else {"accuracy": accuracy}
+        for argument, functions in (("loss_fns", self.loss_fns), ("metric_fns", self.metric_fns)):
+            for key, function in functions.items():
+                if not callable(function):
+                    raise TypeError(f"`{argument}[{key!r}]` must be callable, got {type(function).__name__}.")
         self.preference_sampler = preference_sampler or AnnealedGridSampler(
             num_tasks, num_rays=args.window_size, mul=args.sampler_mul, epsilon=args.sampler_epsilon
         )
@@ -358,6 +424,8 @@ class PaLoRATrainer:
             consistency_weight=args.consistency_weight,
             consistency_temperature=args.consistency_temperature,
         )
+        if self.objective.num_tasks != num_tasks:
+            raise ValueError(f"`objective` is for {self.objective.num_tasks} tasks, the model has {num_tasks}.")
         self.window_mode = resolve_window_mode(args.window_mode, model)
 
         if accelerator is None:
@@ -372,6 +440,9 @@ class PaLoRATrainer:
                 step_scheduler_with_optimizer=False,
             )
         self.accelerator = accelerator
+        if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+            # Accelerate has no fp16 autocast on the CPU and quietly trains in float32.
+            logger.warning("mixed_precision='fp16' has no effect on the CPU: training runs in float32. Use bf16.")
 
         if optimizer is None:
             optimizer = torch.optim.AdamW(
@@ -400,6 +471,10 @@ class PaLoRATrainer:
         self.epoch = 0
         self.batches_in_epoch = 0
         self.log_history: list[dict[str, float]] = []
+        # Sums since the last log and over the whole run. They are checkpointed, so that a resumed run logs (and
+        # returns as training_loss) exactly what an uninterrupted one would.
+        self._running = _RunningStats(self.task_names)
+        self._loss_sum, self._loss_count = 0.0, 0
 
     # ---- conveniences -------------------------------------------------------------------------------------------
     @property
@@ -469,8 +544,6 @@ class PaLoRATrainer:
             desc="PaLoRA",
         )
         self.model.train()
-        running = _RunningStats(self.task_names)
-        total_loss, total_count = 0.0, 0
         while self.global_step < self.max_steps:
             if self.batches_in_epoch >= len(self.train_dataloader):
                 self.epoch, self.batches_in_epoch = self.epoch + 1, 0
@@ -489,19 +562,19 @@ class PaLoRATrainer:
                     self.optimizer.zero_grad()
                 self.micro_step += 1
                 self.batches_in_epoch += 1
-                running.add(output)
+                self._running.add(output)
                 if not accelerator.sync_gradients:
                     continue
                 self.lr_scheduler.step()
                 self.global_step += 1
                 progress_bar.update(1)
                 if self.global_step % args.logging_steps == 0 or self.global_step == self.max_steps:
-                    logs = running.summary(self._reduce_mean)
+                    logs = self._running.summary(self._reduce_mean)
                     logs["train/learning_rate"] = self.lr_scheduler.get_last_lr()[0]
                     logs["train/epoch"] = self.epoch + self.batches_in_epoch / max(len(self.train_dataloader), 1)
-                    total_loss += logs["train/loss"] * running.count
-                    total_count += running.count
-                    running = _RunningStats(self.task_names)
+                    self._loss_sum += logs["train/loss"] * self._running.count
+                    self._loss_count += self._running.count
+                    self._running = _RunningStats(self.task_names)
                     self.log_history.append({"step": self.global_step, **logs})
                     progress_bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
                     if args.report_to:
@@ -522,7 +595,7 @@ class PaLoRATrainer:
             accelerator.end_training()
         return TrainOutput(
             global_step=self.global_step,
-            training_loss=total_loss / max(total_count, 1),
+            training_loss=self._loss_sum / max(self._loss_count, 1),
             front=front,
             log_history=list(self.log_history),
         )
@@ -585,7 +658,7 @@ class PaLoRATrainer:
         self.accelerator.wait_for_everyone()
         return output_dir
 
-    def _trainer_state(self) -> dict[str, Any]:
+    def _trainer_state(self, running_stats: dict[str, Any]) -> dict[str, Any]:
         objective_state = self.objective.state_dict()["loss_balancer"]
         return {
             "global_step": self.global_step,
@@ -598,6 +671,9 @@ class PaLoRATrainer:
                 "num_updates": int(objective_state["num_updates"]),
             },
             "log_history": self.log_history,
+            "running_stats": running_stats,
+            "loss_sum": self._loss_sum,
+            "loss_count": self._loss_count,
         }
 
     def save_checkpoint(self, path: str | None = None) -> str:
@@ -605,8 +681,12 @@ class PaLoRATrainer:
         path = path or os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(path)
+        # The partial sums differ between ranks; every rank resumes from their mean, which the next log (a mean over
+        # the ranks) cannot tell apart. A collective: every rank takes part.
+        running_stats = self._running.state_dict(self._reduce_mean)
         if self.accelerator.is_main_process:
-            atomic_write_text(os.path.join(path, TRAINER_STATE_NAME), json.dumps(self._trainer_state(), indent=2))
+            state = self._trainer_state(running_stats)
+            atomic_write_text(os.path.join(path, TRAINER_STATE_NAME), json.dumps(state, indent=2))
         self.accelerator.wait_for_everyone()
         return path
 
@@ -636,6 +716,10 @@ class PaLoRATrainer:
             }
         )
         self.log_history = list(state.get("log_history", []))
+        self._running = _RunningStats(self.task_names)
+        if "running_stats" in state:  # absent from checkpoints of earlier versions
+            self._running.load_state_dict(state["running_stats"])
+        self._loss_sum, self._loss_count = float(state.get("loss_sum", 0.0)), int(state.get("loss_count", 0))
 
 
 class _RunningStats:
@@ -653,6 +737,23 @@ class _RunningStats:
         self.loss += float(output.loss.detach())
         self.consistency += float(output.consistency)
         self.task_losses += output.task_losses.detach().double().mean(dim=0).cpu()
+
+    def state_dict(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        """JSON-ready sums, reduced over the processes (Python floats round-trip through JSON exactly)."""
+        values = torch.cat([torch.tensor([self.loss, self.consistency], dtype=torch.float64), self.task_losses])
+        values = reduce_fn(values).double().cpu().tolist()
+        return {"count": self.count, "loss": values[0], "consistency": values[1], "task_losses": values[2:]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if len(state["task_losses"]) != len(self.task_names):
+            raise ValueError(
+                f"the checkpoint's running stats hold {len(state['task_losses'])} tasks, this run has "
+                f"{len(self.task_names)}."
+            )
+        self.count = int(state["count"])
+        self.loss = float(state["loss"])
+        self.consistency = float(state["consistency"])
+        self.task_losses = torch.tensor(state["task_losses"], dtype=torch.float64)
 
     def summary(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
         count = max(self.count, 1)
