@@ -223,7 +223,8 @@ def _two_process_run(output_dir: str) -> None:
             self.seen.append(preferences.clone())
             return preferences
 
-    # different seeds per rank: DDP must broadcast rank 0's initial weights
+    # debug_launcher sets no RANK, so both ranks start from seed 0 here; tests/test_multiprocess.py starts the ranks
+    # from different weights and checks that DDP broadcasts rank 0's.
     rank = int(os.environ.get("RANK", "0"))
     args = PaLoRATrainingArguments(
         output_dir=output_dir, max_steps=3, window_size=3, balancing="loss", disable_tqdm=True
