@@ -1,0 +1,420 @@
+"""Reproduce the PaLoRA paper's MultiMNIST experiment against PaMaL, linear scalarisation and single-task models.
+
+Setting (the paper's code, github.com/nik-dim/palora, configs/experiment/multimnist): MultiLeNet (shared LeNet encoder,
+one 2-layer head per digit), real MNIST digits composed into MultiMNIST (``peft_palora.multimnist``), Adam with
+lr 1e-3, batch 256, 10 epochs. PaLoRA: rank 1 on every convolution and linear layer (heads included), base weights
+trained, adapters at lr x T, the deterministic annealed schedule (``AnnealedGridSampler``, mul 5, epsilon 0.01) with a
+window of ``--window`` preferences per step whose scalarised losses are summed. Baselines on the same data and
+budget: PaMaL (T full weight copies mixed by the preference, window 4 as in the paper code's PaMaL config) sampled as
+in its own paper (``pamal``: Dirichlet(1) rays, p = 1 in that config) and with PaLoRA's annealed schedule
+(``pamal_annealed``), linear scalarisation at equal weights, and one single-task model per digit.
+
+Evaluation on the 10k test images at the 11 preferences ``[p, 1 - p]``, p = 0, 0.1, ..., 1 (p weighs the left
+digit): per-task accuracy and loss, and the hypervolume of the (loss_left, loss_right) points with reference (1, 1),
+the protocol of the paper code's results file ``src/callbacks/utils/results/multimnist.json``.
+
+Each seed is written to ``<output_dir>/multimnist_seed<N>.json`` as soon as it is done; the tables
+(``multimnist.md``/``.json``) and the plot (``multimnist_front.png``) aggregate every seed file of the same setting,
+so seeds may be run by separate invocations (each well under 30 minutes on one CPU core):
+
+    python benchmarks/paper/multimnist.py --seeds 0 --methods palora pamal
+    python benchmarks/paper/multimnist.py --seeds 0 --methods pamal_annealed ls stl
+    ... (and so on for seeds 1 and 2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# This folder (shared modules) and the repository root (peft_palora, for a checkout that is not pip-installed).
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
+
+import numpy as np  # noqa: E402
+import paper_training as pt  # noqa: E402
+import torch  # noqa: E402
+from paper_models import MULTIMNIST_TASKS, count_parameters  # noqa: E402
+
+from peft_palora import adapter_param_groups  # noqa: E402
+from peft_palora.preferences import AnnealedGridSampler, DirichletSampler  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PREFIX = "multimnist"
+METHODS = ("palora", "pamal", "pamal_annealed", "ls", "stl")
+FRONT_METHODS = ("palora", "pamal", "pamal_annealed")
+# The paper code's public results file (same protocol): mean test loss-hypervolume over 3 seeds.
+PAPER_REFERENCE = {"PaMaL": 0.752, "NashMTL": 0.729, "LS": 0.717}
+LABELS = {
+    "palora": "PaLoRA",
+    "pamal": "PaMaL (Dirichlet(1) rays)",
+    "pamal_annealed": "PaMaL (annealed schedule)",
+    "ls": "LS (equal weights)",
+    "stl": "STL (one model per task)",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--window", type=int, default=4, help="Preferences per step (PaLoRA and PaMaL).")
+    parser.add_argument(
+        "--window_mode",
+        default="sequential",
+        choices=("sequential", "batched"),
+        help="PaLoRA's window as one forward per preference (as the paper's code; faster on CPU here) or one forward "
+        "over the repeated batch with per-sample preferences. Both give the same losses.",
+    )
+    parser.add_argument("--mul", type=float, default=5.0)
+    parser.add_argument("--epsilon", type=float, default=0.01)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--num_train", type=int, default=None, help="Training images (default: all 50k).")
+    parser.add_argument("--num_test", type=int, default=None, help="Test images (default: all 10k).")
+    parser.add_argument("--max_steps", type=int, default=None, help="Stop every run after this many steps.")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output_dir", default=str(RESULTS_DIR))
+    parser.add_argument("--aggregate_only", action="store_true", help="Only rebuild the tables from seed files.")
+    return parser.parse_args(argv)
+
+
+def setting(args: argparse.Namespace) -> dict:
+    """What must match for seed files to be aggregated together."""
+    keys = ("epochs", "batch_size", "lr", "rank", "window", "mul", "epsilon", "num_train", "num_test", "max_steps")
+    return {key: getattr(args, key) for key in keys}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One seed
+# ---------------------------------------------------------------------------------------------------------------------
+def run_palora(args, seed, train_data, test_data) -> dict:
+    model = pt.build_palora(seed, rank=args.rank)
+    optimizer = torch.optim.Adam(adapter_param_groups(model, lr=args.lr), lr=args.lr)
+    sampler = AnnealedGridSampler(len(MULTIMNIST_TASKS), args.window, mul=args.mul, epsilon=args.epsilon)
+
+    def loss_fn(x, labels, progress, step):
+        prefs = sampler.sample(progress)
+        return (prefs * pt.palora_window_losses(model, x, labels, prefs, mode=args.window_mode)).sum()
+
+    stats = pt.train(
+        loss_fn,
+        optimizer,
+        train_data,
+        args.epochs,
+        args.batch_size,
+        seed,
+        args.max_steps,
+        modules=[model],
+        name=f"palora seed {seed}",
+    )
+    front = pt.evaluate_palora(model, *test_data)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "palora_" in n)
+    return front | stats | {"parameters": count_parameters(model), "adapter_parameters": adapters}
+
+
+def run_pamal(args, seed, train_data, test_data, annealed: bool = False) -> dict:
+    """PaMaL with its own paper's sampling, a fresh window of Dirichlet(1) preferences every step (the paper code's
+    PaMaL config sets the Dirichlet concentration p = 1), or with PaLoRA's deterministic annealed schedule."""
+    model = pt.build_pamal(seed)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.lr)
+    num_tasks = len(MULTIMNIST_TASKS)
+    if annealed:
+        sampler = AnnealedGridSampler(num_tasks, args.window, mul=args.mul, epsilon=args.epsilon)
+    else:
+        sampler = DirichletSampler(num_tasks, args.window, concentration=1.0, seed=seed)
+
+    def loss_fn(x, labels, progress, step):
+        prefs = sampler.sample(progress, step=step)
+        return (prefs * pt.pamal_window_losses(model, x, labels, prefs)).sum()
+
+    name = f"pamal{'_annealed' if annealed else ''} seed {seed}"
+    stats = pt.train(
+        loss_fn, optimizer, train_data, args.epochs, args.batch_size, seed, args.max_steps, modules=[model], name=name
+    )
+    return pt.evaluate_pamal(model, *test_data) | stats | {"parameters": count_parameters(model)}
+
+
+def run_plain(args, seed, train_data, test_data, weights: torch.Tensor) -> dict:
+    model = pt.build_plain(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+    def loss_fn(x, labels, progress, step):
+        return (weights * pt.task_losses(model(x), labels)).sum()
+
+    stats = pt.train(
+        loss_fn, optimizer, train_data, args.epochs, args.batch_size, seed, args.max_steps, modules=[model]
+    )
+    return pt.evaluate_plain(model, *test_data) | stats | {"parameters": count_parameters(model)}
+
+
+def run_stl(args, seed, train_data, test_data) -> dict:
+    """One model per task; the reported point takes each task's metric from its own model."""
+    per_task = [
+        run_plain(args, seed, train_data, test_data, torch.eye(len(MULTIMNIST_TASKS))[t])
+        for t in range(len(MULTIMNIST_TASKS))
+    ]
+    loss = [per_task[t]["loss"][0][t] for t in range(len(per_task))]
+    acc = [per_task[t]["accuracy"][0][t] for t in range(len(per_task))]
+    return {
+        "preferences": None,
+        "loss": [loss],
+        "accuracy": [acc],
+        "steps": sum(r["steps"] for r in per_task),
+        "train_seconds": sum(r["train_seconds"] for r in per_task),
+        "parameters": sum(r["parameters"] for r in per_task),
+    }
+
+
+def run_seed(args, seed, train_data, test_data) -> dict:
+    path = Path(args.output_dir) / f"{PREFIX}_seed{seed}.json"
+    payload = {"seed": seed, "config": setting(args), "methods": {}}
+    if path.exists():  # methods of this seed run by an earlier invocation of the same setting are kept
+        previous = json.loads(path.read_text())
+        if previous.get("config") == payload["config"]:
+            payload["methods"] = previous["methods"]
+    runners = {
+        "palora": run_palora,
+        "pamal": run_pamal,
+        "pamal_annealed": lambda *a: run_pamal(*a, annealed=True),
+        "ls": lambda *a: run_plain(*a, weights=torch.full((len(MULTIMNIST_TASKS),), 1 / len(MULTIMNIST_TASKS))),
+        "stl": run_stl,
+    }
+    for method in args.methods:
+        start = time.perf_counter()
+        result = runners[method](args, seed, train_data, test_data)
+        result["hypervolume"] = pt.loss_hypervolume(result["loss"])
+        payload["methods"][method] = result
+        pt.atomic_write_json(path, payload)  # keep what is done even if a later method is interrupted
+        print(
+            f"[seed {seed}] {method}: hypervolume {result['hypervolume']:.4f}, "
+            f"{result['steps']} steps in {time.perf_counter() - start:.0f}s",
+            flush=True,
+        )
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------------------------------
+def summarise(seed_results: list[dict]) -> dict:
+    methods = [m for m in METHODS if all(m in r["methods"] for r in seed_results)]
+    summary = {}
+    for method in methods:
+        runs = [r["methods"][method] for r in seed_results]
+        hv = [run["hypervolume"] for run in runs]
+        summary[method] = {
+            "hypervolume": hv,
+            "hypervolume_mean_std": pt.mean_std(hv),
+            "loss_mean": np.mean([run["loss"] for run in runs], axis=0).tolist(),
+            "accuracy_mean": np.mean([run["accuracy"] for run in runs], axis=0).tolist(),
+            "train_seconds": [run["train_seconds"] for run in runs],
+            "parameters": runs[0]["parameters"],
+        }
+    return summary
+
+
+def end_checks(seed_results: list[dict]) -> list[dict]:
+    """PaLoRA at each end of the front against the best baseline for the task that end favours.
+
+    Row 0 of the grid is [0, 1] (all weight on the right digit), row 10 is [1, 0] (left digit).
+    """
+    rows = []
+    for task_index, grid_row in ((0, -1), (1, 0)):
+        palora = [r["methods"]["palora"]["accuracy"][grid_row][task_index] for r in seed_results]
+        candidates = {
+            f"{LABELS[m]} at the same end": [r["methods"][m]["accuracy"][grid_row][task_index] for r in seed_results]
+            for m in ("pamal", "pamal_annealed")
+            if all(m in r["methods"] for r in seed_results)
+        } | {
+            "STL": [r["methods"]["stl"]["accuracy"][0][task_index] for r in seed_results],
+            "LS": [r["methods"]["ls"]["accuracy"][0][task_index] for r in seed_results],
+        }
+        best_name = max(candidates, key=lambda name: np.mean(candidates[name]))
+        gap = float(100 * (np.mean(palora) - np.mean(candidates[best_name])))
+        rows.append(
+            {
+                "task": MULTIMNIST_TASKS[task_index],
+                "preference": seed_results[0]["methods"]["palora"]["preferences"][grid_row],
+                "palora": palora,
+                "best_baseline": best_name,
+                "best_baseline_accuracy": candidates[best_name],
+                "gap_points": gap,
+                "within_0.5": bool(gap >= -0.5),
+            }
+        )
+    return rows
+
+
+def write_markdown(args, seed_results, summary, checks, path) -> None:
+    seeds = [r["seed"] for r in seed_results]
+    config = seed_results[0]["config"]
+    lines = [
+        "# MultiMNIST: PaLoRA against PaMaL, LS and STL",
+        "",
+        f"Seeds {seeds}; {config['epochs']} epochs, batch {config['batch_size']}, Adam lr {config['lr']}, "
+        f"window {config['window']} (PaLoRA and PaMaL), PaLoRA rank {config['rank']}, schedule mul {config['mul']} "
+        f"epsilon {config['epsilon']}; train images: {config['num_train'] or 'all 50000'}, test images: "
+        f"{config['num_test'] or 'all 10000'}, max_steps: {config['max_steps']}. Values are mean ± sample std over "
+        "seeds. Hypervolume: test (loss_left, loss_right) points, reference (1, 1), larger is better.",
+        "",
+        "| method | parameters | loss hypervolume | acc left (%) | acc right (%) | train s / seed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for method, stats in summary.items():
+        runs = [r["methods"][method] for r in seed_results]
+        if runs[0]["preferences"] is None:
+            acc_left = pt.fmt([run["accuracy"][0][0] for run in runs], 100, 2)
+            acc_right = pt.fmt([run["accuracy"][0][1] for run in runs], 100, 2)
+        else:  # the end of the front that favours each task
+            acc_left = pt.fmt([run["accuracy"][-1][0] for run in runs], 100, 2) + " (at [1, 0])"
+            acc_right = pt.fmt([run["accuracy"][0][1] for run in runs], 100, 2) + " (at [0, 1])"
+        lines.append(
+            f"| {LABELS[method]} | {stats['parameters']:,} | {pt.fmt(stats['hypervolume'], digits=4)} | {acc_left} "
+            f"| {acc_right} | {np.mean(stats['train_seconds']):.0f} |"
+        )
+    lines += [
+        "",
+        "Reference (the paper code's results file, its own MultiMNIST data, 3 seeds): "
+        + ", ".join(f"{k} {v}" for k, v in PAPER_REFERENCE.items())
+        + ".",
+    ]
+    for other in ("pamal", "pamal_annealed"):
+        if "palora" in summary and other in summary:
+            per_seed = [
+                r["methods"]["palora"]["hypervolume"] - r["methods"][other]["hypervolume"] for r in seed_results
+            ]
+            lines += [
+                "",
+                f"PaLoRA - {LABELS[other]} hypervolume per seed: {', '.join(f'{d:+.4f}' for d in per_seed)} "
+                f"(target: PaLoRA >= PaMaL; {'met' if np.mean(per_seed) >= 0 else 'NOT met'} on the mean).",
+            ]
+    for method in FRONT_METHODS:
+        if method not in summary:
+            continue
+        runs = [r["methods"][method] for r in seed_results]
+        lines += [
+            "",
+            f"## {LABELS[method]} at each preference [p, 1 - p] (test set)",
+            "",
+            "| p (left weight) | acc left (%) | acc right (%) | loss left | loss right |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for i, pref in enumerate(runs[0]["preferences"]):
+            lines.append(
+                f"| {pref[0]:.1f} | {pt.fmt([r['accuracy'][i][0] for r in runs], 100, 2)} "
+                f"| {pt.fmt([r['accuracy'][i][1] for r in runs], 100, 2)} "
+                f"| {pt.fmt([r['loss'][i][0] for r in runs], digits=4)} "
+                f"| {pt.fmt([r['loss'][i][1] for r in runs], digits=4)} |"
+            )
+    if checks:
+        lines += [
+            "",
+            "## Ends of the PaLoRA front against the best baseline for that task",
+            "",
+            "| task | PaLoRA at | PaLoRA acc (%) | best baseline | its acc (%) | gap (points) | within 0.5 |",
+            "| --- | --- | ---: | --- | ---: | ---: | --- |",
+        ]
+        for row in checks:
+            lines.append(
+                f"| {row['task']} | {row['preference']} | {pt.fmt(row['palora'], 100, 2)} | {row['best_baseline']} "
+                f"| {pt.fmt(row['best_baseline_accuracy'], 100, 2)} | {row['gap_points']:+.2f} "
+                f"| {'yes' if row['within_0.5'] else 'no'} |"
+            )
+    for other in ("pamal", "pamal_annealed"):
+        if "palora" in summary and other in summary:
+            gaps = 100 * (np.array(summary["palora"]["accuracy_mean"]) - np.array(summary[other]["accuracy_mean"]))
+            lines += [
+                "",
+                f"PaLoRA - {LABELS[other]} accuracy at the same preference (points, mean over seeds), "
+                f"p = 0 ... 1: left {np.round(gaps[:, 0], 2).tolist()}, right {np.round(gaps[:, 1], 2).tolist()}.",
+            ]
+    pt.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def plot(seed_results, summary, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    styles = {
+        "palora": ("tab:red", "o-"),
+        "pamal": ("tab:blue", "s-"),
+        "pamal_annealed": ("tab:cyan", "^-"),
+        "ls": ("tab:green", "D"),
+        "stl": ("black", "*"),
+    }
+    for method, stats in summary.items():
+        color, style = styles[method]
+        for ax, key, scale in ((axes[0], "loss_mean", 1.0), (axes[1], "accuracy_mean", 100.0)):
+            points = np.array(stats[key]) * scale
+            label = f"{LABELS[method]} (HV {stats['hypervolume_mean_std'][0]:.4f})"
+            ax.plot(
+                points[:, 0], points[:, 1], style, color=color, label=label, markersize=9 if len(points) == 1 else 5
+            )
+            for run in seed_results:  # each seed, faintly
+                seed_points = np.array(run["methods"][method]["loss" if key == "loss_mean" else "accuracy"]) * scale
+                ax.plot(seed_points[:, 0], seed_points[:, 1], style, color=color, alpha=0.2, markersize=3)
+    axes[0].set(xlabel="test loss, left digit", ylabel="test loss, right digit", title="Loss front (lower is better)")
+    axes[1].set(
+        xlabel="test accuracy left (%)", ylabel="test accuracy right (%)", title="Accuracy front (higher is better)"
+    )
+    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    figure.suptitle(f"MultiMNIST, mean over seeds {[r['seed'] for r in seed_results]} (faint: single seeds)")
+    pt.atomic_save_figure(figure, path)
+    plt.close(figure)
+
+
+def aggregate(args) -> dict | None:
+    seed_results = pt.load_seed_results(args.output_dir, PREFIX, setting(args))
+    if not seed_results:
+        print("No seed results for this setting yet.")
+        return None
+    summary = summarise(seed_results)
+    complete = all(m in summary for m in ("palora", "ls", "stl"))
+    checks = end_checks(seed_results) if complete else []
+    out = Path(args.output_dir)
+    pt.atomic_write_json(
+        out / f"{PREFIX}.json",
+        {
+            "config": seed_results[0]["config"],
+            "seeds": [r["seed"] for r in seed_results],
+            "summary": summary,
+            "end_checks": checks,
+            "paper_reference_hypervolume": PAPER_REFERENCE,
+        },
+    )
+    write_markdown(args, seed_results, summary, checks, out / f"{PREFIX}.md")
+    plot(seed_results, summary, out / f"{PREFIX}_front.png")
+    return {"summary": summary, "end_checks": checks, "seeds": [r["seed"] for r in seed_results]}
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    pt.set_threads(args.threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if not args.aggregate_only:
+        start = time.perf_counter()
+        train_data = pt.load_split("train", args.num_train)
+        test_data = pt.load_split("test", args.num_test)
+        print(
+            f"data: {train_data[0].shape[0]} train / {test_data[0].shape[0]} test images "
+            f"({time.perf_counter() - start:.0f}s)",
+            flush=True,
+        )
+        for seed in args.seeds:
+            run_seed(args, seed, train_data, test_data)
+    return aggregate(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""Training and evaluation on MultiMNIST shared by ``multimnist.py`` and ``schedule_ablation.py``.
+
+The loops follow the paper's code (github.com/nik-dim/palora): Adam, batch 256, the training progress
+``t = (step + 1) / total_steps`` fed to the preference sampler, and for a window of ``m`` preferences the objective
+``sum_i sum_t lambda_it * L_it`` (the per-preference scalarised losses are summed over the window, as the paper's
+multi-forward trainer does). Everything here is plain PyTorch on in-memory tensors: MultiMNIST fits in memory, and
+slicing tensors is much cheaper than a DataLoader on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(_REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from paper_models import MULTILENET_TARGETS, MULTIMNIST_TASKS, MultiLeNet, PaMaL  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+
+import peft_palora  # noqa: E402  (registers PALORA with PEFT)
+from peft_palora.multimnist import make_multimnist  # noqa: E402
+from peft_palora.pareto import hypervolume, preference_consistency  # noqa: E402
+from peft_palora.preferences import simplex_grid  # noqa: E402
+
+LOSS_REFERENCE = (1.0, 1.0)  # the paper's hypervolume reference point for the (loss_left, loss_right) front
+EVAL_PREFERENCES = simplex_grid(2, 11)  # [p, 1 - p] for p = 0, 0.1, ..., 1 (weight of the left digit first)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+def load_split(split: str, num_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MultiMNIST images ``(N, 1, 28, 28)`` and labels ``(N, 2)`` (left digit, right digit) as plain tensors."""
+    dataset = make_multimnist(split, num_samples=num_samples, seed=0)
+    columns = dataset[:]
+    labels = torch.stack([columns["labels_left"], columns["labels_right"]], dim=1)
+    return columns["pixel_values"].contiguous(), labels.contiguous()
+
+
+def batch_indices(num_samples: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One shuffled epoch of index batches; the last, smaller batch is kept (a DataLoader's default)."""
+    order = torch.randperm(num_samples, generator=generator)
+    yield from order.split(batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+def build_palora(seed: int, rank: int = 1, alpha: float = 1.0) -> nn.Module:
+    """MultiLeNet with PaLoRA on every convolution and linear layer, base weights trained (the paper's setting).
+
+    ``palora_alpha = 1`` is the paper's ``lora_alpha`` default, so with ``r = 1`` the adapters are scaled by 1.
+    """
+    torch.manual_seed(seed)
+    config = peft_palora.PaLoRAConfig(
+        task_names=list(MULTIMNIST_TASKS),
+        r=rank,
+        palora_alpha=alpha,
+        target_modules=MULTILENET_TARGETS,
+        train_base_weights=True,
+    )
+    return get_peft_model(MultiLeNet(), config)
+
+
+def build_pamal(seed: int) -> PaMaL:
+    torch.manual_seed(seed)
+    return PaMaL(MultiLeNet(), num_tasks=len(MULTIMNIST_TASKS))
+
+
+def build_plain(seed: int) -> MultiLeNet:
+    torch.manual_seed(seed)
+    return MultiLeNet()
+
+
+def task_losses(outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """``(T,)`` mean cross-entropy of each task."""
+    return torch.stack([F.cross_entropy(outputs[task], labels[:, t]) for t, task in enumerate(MULTIMNIST_TASKS)])
+
+
+def palora_window_losses(
+    model: nn.Module, x: torch.Tensor, labels: torch.Tensor, prefs: torch.Tensor, mode: str = "sequential"
+) -> torch.Tensor:
+    """``(m, T)`` task losses under ``m`` preferences.
+
+    ``"sequential"``: one forward per preference, as the paper's trainer does. ``"batched"``: ONE forward over the
+    batch repeated m times with one preference per sample. MultiLeNet has no batch norm, so both give the same losses;
+    on one CPU core the sequential one is faster here (the per-sample path runs the adapters on m times larger
+    activations in one go, which gains nothing without parallel hardware).
+    """
+    if mode == "sequential":
+        return torch.stack([task_losses(model(x=x, preference=pref), labels) for pref in prefs])
+    if mode != "batched":
+        raise ValueError(f"`mode` must be 'sequential' or 'batched', got {mode!r}.")
+    num_rays, batch = prefs.shape[0], x.shape[0]
+    outputs = model(x=x.repeat(num_rays, 1, 1, 1), preference=prefs.repeat_interleave(batch, dim=0))
+    repeated = labels.repeat(num_rays, 1)
+    columns = [
+        F.cross_entropy(outputs[task], repeated[:, t], reduction="none").view(num_rays, batch).mean(1)
+        for t, task in enumerate(MULTIMNIST_TASKS)
+    ]
+    return torch.stack(columns, dim=1)
+
+
+def pamal_window_losses(model: PaMaL, x: torch.Tensor, labels: torch.Tensor, prefs: torch.Tensor) -> torch.Tensor:
+    """``(m, T)`` task losses, one forward per preference (each preference is a different full weight mixture)."""
+    return torch.stack([task_losses(model(x, pref), labels) for pref in prefs])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+def train(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, float, int], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    data: tuple[torch.Tensor, torch.Tensor],
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    max_steps: int | None = None,
+    on_epoch_end: Callable[[int, int], None] | None = None,
+    modules: Sequence[nn.Module] = (),
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Minimise ``loss_fn(x, labels, progress, step)`` with ``optimizer``; returns steps and seconds.
+
+    ``progress = (step + 1) / total_steps`` as in the paper's trainer. ``max_steps`` cuts training short (smoke
+    tests); the schedule is then laid out over the shortened run. ``on_epoch_end(epoch, step)`` runs after every
+    epoch (and after the last step when ``max_steps`` ends an epoch early), outside the timed region. With a ``name``,
+    one progress line is printed per epoch.
+    """
+    x, labels = data
+    steps_per_epoch = -(-x.shape[0] // batch_size)
+    total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    step, seconds = 0, 0.0
+    for module in modules:
+        module.train()
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        for index in batch_indices(x.shape[0], batch_size, generator):
+            if step >= total_steps:
+                break
+            loss = loss_fn(x[index], labels[index], (step + 1) / total_steps, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        seconds += time.perf_counter() - start
+        if name is not None:
+            print(f"  {name}: epoch {epoch + 1}/{epochs}, {step}/{total_steps} steps, {seconds:.0f}s", flush=True)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, step)
+            for module in modules:
+                module.train()
+        if step >= total_steps:
+            break
+    return {"steps": step, "train_seconds": seconds}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _accumulate(forward: Callable[[torch.Tensor], dict[str, torch.Tensor]], x, labels, chunk) -> tuple:
+    loss_sum = torch.zeros(len(MULTIMNIST_TASKS), dtype=torch.float64)
+    correct = torch.zeros(len(MULTIMNIST_TASKS), dtype=torch.float64)
+    for start in range(0, x.shape[0], chunk):
+        xb, yb = x[start : start + chunk], labels[start : start + chunk]
+        outputs = forward(xb)
+        for t, task in enumerate(MULTIMNIST_TASKS):
+            loss_sum[t] += F.cross_entropy(outputs[task], yb[:, t], reduction="sum").double()
+            correct[t] += (outputs[task].argmax(-1) == yb[:, t]).sum().double()
+    return (loss_sum / x.shape[0]).tolist(), (correct / x.shape[0]).tolist()
+
+
+@torch.no_grad()
+def evaluate_palora(model: nn.Module, x, labels, prefs: torch.Tensor = EVAL_PREFERENCES, chunk: int = 1000) -> dict:
+    """Per-preference mean losses and accuracies. Each chunk of images runs ONCE for all preferences: the chunk is
+    repeated ``P`` times with one preference per copy (PaLoRA's per-sample preferences)."""
+    model.eval()
+    num_prefs = prefs.shape[0]
+    loss_sum = torch.zeros(num_prefs, len(MULTIMNIST_TASKS), dtype=torch.float64)
+    correct = torch.zeros_like(loss_sum)
+    for start in range(0, x.shape[0], chunk):
+        xb, yb = x[start : start + chunk], labels[start : start + chunk]
+        batch = xb.shape[0]
+        outputs = model(x=xb.repeat(num_prefs, 1, 1, 1), preference=prefs.repeat_interleave(batch, dim=0))
+        for t, task in enumerate(MULTIMNIST_TASKS):
+            logits = outputs[task].view(num_prefs, batch, -1)
+            target = yb[:, t].expand(num_prefs, batch)
+            loss_sum[:, t] += F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1).double()
+            correct[:, t] += (logits.argmax(-1) == target).sum(1).double()
+    return {
+        "preferences": prefs.tolist(),
+        "loss": (loss_sum / x.shape[0]).tolist(),
+        "accuracy": (correct / x.shape[0]).tolist(),
+    }
+
+
+def _functional_forward(network: nn.Module, parameters: dict, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return torch.func.functional_call(network, parameters, (x,))
+
+
+@torch.no_grad()
+def evaluate_pamal(model: PaMaL, x, labels, prefs: torch.Tensor = EVAL_PREFERENCES, chunk: int = 2000) -> dict:
+    model.eval()
+    losses, accuracies = [], []
+    for pref in prefs:
+        forward = functools.partial(_functional_forward, model.network, model.mixed_parameters(pref))
+        loss, acc = _accumulate(forward, x, labels, chunk)
+        losses.append(loss)
+        accuracies.append(acc)
+    return {"preferences": prefs.tolist(), "loss": losses, "accuracy": accuracies}
+
+
+@torch.no_grad()
+def evaluate_plain(model: nn.Module, x, labels, chunk: int = 2000) -> dict:
+    model.eval()
+    loss, acc = _accumulate(model, x, labels, chunk)
+    return {"preferences": None, "loss": [loss], "accuracy": [acc]}
+
+
+def loss_hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float] = LOSS_REFERENCE) -> float:
+    """Hypervolume of (loss_left, loss_right) points w.r.t. ``reference``, minimised.
+
+    Points worse than the reference in some objective add no volume; they are dropped before calling
+    ``peft_palora.pareto.hypervolume`` (which refuses them, to catch mistakes). This is what the paper's pymoo-based
+    computation does with them, and it matters only for barely trained models (smoke tests).
+    """
+    array = np.asarray(points, dtype=np.float64).reshape(-1, len(reference))
+    inside = (array <= np.asarray(reference)).all(axis=1)
+    return hypervolume(array[inside], reference) if inside.any() else 0.0
+
+
+def consistency(front: dict) -> dict[str, float]:
+    """Spearman between lambda_t and task t's loss (oriented: 1 = more weight, lower loss) and accuracy."""
+    prefs = np.asarray(front["preferences"])
+    by_loss = preference_consistency(
+        prefs, np.asarray(front["loss"]), higher_is_better=False, task_names=list(MULTIMNIST_TASKS)
+    )
+    by_acc = preference_consistency(
+        prefs, np.asarray(front["accuracy"]), higher_is_better=True, task_names=list(MULTIMNIST_TASKS)
+    )
+    return {"loss_" + key: value for key, value in by_loss.items()} | {
+        "acc_" + key: value for key, value in by_acc.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------------
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by anyone
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=1, allow_nan=True) + "\n")
+
+
+def atomic_save_figure(figure, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
+def fmt(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
+    mean, std = mean_std([v * scale for v in values])
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def load_seed_results(directory: str | os.PathLike, prefix: str, config: dict) -> list[dict]:
+    """The per-seed result files ``<prefix>_seed<N>.json`` in ``directory`` whose config matches ``config``."""
+    results = []
+    for path in sorted(Path(directory).glob(f"{prefix}_seed*.json")):
+        payload = json.loads(path.read_text())
+        if payload.get("config") == config:
+            results.append(payload)
+    return sorted(results, key=lambda payload: payload["seed"])
+
+
+def set_threads(threads: int) -> None:
+    """One thread by default: on a shared 2-core machine two OpenMP threads fighting other processes are several
+    times slower than one."""
+    torch.set_num_threads(threads)
