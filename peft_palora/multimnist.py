@@ -20,7 +20,6 @@ import gzip
 import hashlib
 import importlib.util
 import math
-import numbers
 import os
 import pickletools
 import zlib
@@ -30,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ._validation import check_int
 
 __all__ = [
     "MNIST_PATH_ENV",
@@ -343,14 +344,6 @@ def load_mnist_arrays(path: str | os.PathLike | None = None) -> dict[str, tuple[
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-    return int(value)
-
-
 def _check_split(split) -> str:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
@@ -370,9 +363,9 @@ def multimnist_pairs(
     Returns:
         two int64 tensors of length ``num_samples``.
     """
-    num_source = _check_int(num_source, "num_source", minimum=2)
-    num_samples = _check_int(num_samples, "num_samples", minimum=1)
-    seed = _check_int(seed, "seed", minimum=0)
+    num_source = check_int(num_source, "num_source", minimum=2)
+    num_samples = check_int(num_samples, "num_samples", minimum=1)
+    seed = check_int(seed, "seed", minimum=0)
     split = _check_split(split)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(SPLITS.index(split),)))
     left, right = [], []
@@ -399,7 +392,7 @@ def compose_multimnist(left: torch.Tensor, right: torch.Tensor, image_size: int 
     Returns:
         float32 tensor ``(B, 1, image_size, image_size)`` in [0, 1].
     """
-    image_size = _check_int(image_size, "image_size", minimum=1)
+    image_size = check_int(image_size, "image_size", minimum=1)
     for name, digits in (("left", left), ("right", right)):
         if not isinstance(digits, torch.Tensor):
             raise TypeError(f"{name} must be a tensor of digits, got {type(digits).__name__}.")
@@ -500,14 +493,14 @@ def make_multimnist(
         path: the MNIST pickle, see :func:`load_mnist_arrays`.
     """
     split = _check_split(split)
-    seed = _check_int(seed, "seed", minimum=0)
-    image_size = _check_int(image_size, "image_size", minimum=1)
+    seed = check_int(seed, "seed", minimum=0)
+    image_size = check_int(image_size, "image_size", minimum=1)
     file = find_mnist_file(path).resolve()
     stat = file.stat()
     images, labels = _load_cached(str(file), stat.st_mtime_ns, stat.st_size)[split]
     if num_samples is None:
         num_samples = images.shape[0]
-    num_samples = _check_int(num_samples, "num_samples", minimum=1)
+    num_samples = check_int(num_samples, "num_samples", minimum=1)
     left_index, right_index = multimnist_pairs(images.shape[0], num_samples, seed=seed, split=split)
     pixel_values = compose_multimnist(images[left_index], images[right_index], image_size=image_size)
     identity = f"multimnist-v1|{file}|{stat.st_mtime_ns}|{stat.st_size}|{split}|{num_samples}|{seed}|{image_size}"

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from ._validation import check_int
+
 __all__ = [
     "AnnealedDirichletSampler",
     "AnnealedGridSampler",
@@ -42,15 +44,6 @@ _MAX_VALUES_IN_MESSAGE = 4
 # ----------------------------------------------------------------------------------------------------------------------
 # Argument checks shared by this module
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    # bool is an int subclass; True as "num_tasks" is almost certainly a bug, so it is refused.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-    return int(value)
 
 
 def _check_real(value, name: str) -> float:
@@ -72,7 +65,7 @@ def _check_progress(progress) -> float:
 def _check_step(step) -> int | None:
     if step is None:
         return None
-    return _check_int(step, "step", minimum=0)
+    return check_int(step, "step", minimum=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -188,9 +181,9 @@ def validate_preference(
         ValueError: for a wrong shape, batch size, unknown/missing task names, NaN/inf, negative entries, or rows
             that do not sum to 1.
     """
-    num_tasks = _check_int(num_tasks, "num_tasks", minimum=1)
+    num_tasks = check_int(num_tasks, "num_tasks", minimum=1)
     if batch_size is not None:
-        batch_size = _check_int(batch_size, "batch_size", minimum=1)
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
 
     tolerance = SUM_TOLERANCE
     if isinstance(pref, Mapping):
@@ -298,8 +291,8 @@ def simplex_grid(num_tasks: int, points_per_side: int) -> torch.Tensor:
     Returns:
         float32 tensor of shape ``(N, num_tasks)``.
     """
-    num_tasks = _check_int(num_tasks, "num_tasks", minimum=2)
-    points_per_side = _check_int(points_per_side, "points_per_side", minimum=2)
+    num_tasks = check_int(num_tasks, "num_tasks", minimum=2)
+    points_per_side = check_int(points_per_side, "points_per_side", minimum=2)
     resolution = points_per_side - 1
     counts = _simplex_lattice_counts(num_tasks, resolution)
     return torch.from_numpy(counts / resolution).to(torch.float32)
@@ -341,8 +334,8 @@ class PreferenceSampler:
     """
 
     def __init__(self, num_tasks: int, num_rays: int):
-        self.num_tasks = _check_int(num_tasks, "num_tasks", minimum=2)
-        self.num_rays = _check_int(num_rays, "num_rays", minimum=1)
+        self.num_tasks = check_int(num_tasks, "num_tasks", minimum=2)
+        self.num_rays = check_int(num_rays, "num_rays", minimum=1)
 
     def sample(self, progress: float, step: int | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -458,7 +451,7 @@ def _check_concentration(value, name: str) -> float:
 
 
 def _check_seed(seed) -> int:
-    return _check_int(seed, "seed", minimum=0)
+    return check_int(seed, "seed", minimum=0)
 
 
 class DirichletSampler(PreferenceSampler):
