@@ -9,6 +9,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
+from peft.utils.other import get_pattern_key
 
 _BIAS_OPTIONS = ("none", "all", "palora_only")
 
@@ -32,6 +33,9 @@ class PaLoRAConfig(PeftConfig):
         train_base_weights (`bool`): False freezes the base model (the PEFT convention). True is the paper's mode:
             the weights (and biases) of the targeted base layers train with the adapters, and `save_pretrained`
             stores them in the bundle so that a reload reproduces the trained model exactly.
+        rank_pattern (`dict[str, int]`): Per-layer ranks overriding `r`, keyed by layer name or regex, matched as
+            `peft.LoraConfig.rank_pattern` is (e.g. `{"conv1": 5}` or `{"^encoder.*conv": 8}`).
+        alpha_pattern (`dict[str, float]`): Per-layer `palora_alpha` overriding the default, matched the same way.
         init_weights (`bool`): True starts every `B_t` at zero so the wrapped model equals the base model at any
             preference. False initialises `B_t` randomly too (useful for tests).
     """
@@ -68,6 +72,14 @@ class PaLoRAConfig(PeftConfig):
         default=False,
         metadata={"help": "Train (and save) the targeted base weights with the adapters, as in the paper."},
     )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Per-layer ranks {layer name or regex: r} overriding `r`, as in LoraConfig.rank_pattern."},
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "Per-layer {layer name or regex: alpha} overriding `palora_alpha`, as in LoraConfig."},
+    )
     init_weights: bool = field(
         default=True, metadata={"help": "Start every B_t at zero so the adapted model equals the base model."}
     )
@@ -85,6 +97,7 @@ class PaLoRAConfig(PeftConfig):
             raise ValueError(f"`palora_alpha` must be finite, got {self.palora_alpha}.")
         if not 0.0 <= float(self.palora_dropout) < 1.0:
             raise ValueError(f"`palora_dropout` must be in [0, 1), got {self.palora_dropout}.")
+        self._validate_patterns()
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             names_ok = isinstance(value, (list, tuple, set)) and all(isinstance(item, str) for item in value)
@@ -118,9 +131,32 @@ class PaLoRAConfig(PeftConfig):
             raise ValueError("Give `num_tasks` (T >= 2) or `task_names`.")
         _check_int("num_tasks", self.num_tasks, minimum=2)
 
+    def _validate_patterns(self) -> None:
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if pattern is None:
+                setattr(self, name, {})
+                continue
+            if not isinstance(pattern, dict) or not all(isinstance(key, str) and key for key in pattern):
+                raise TypeError(f"`{name}` must be a dict keyed by layer names or regexes, got {pattern!r}.")
+            for key, value in pattern.items():
+                if name == "rank_pattern":
+                    _check_int(f"rank_pattern[{key!r}]", value, minimum=1)
+                elif isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                    raise TypeError(f"`alpha_pattern[{key!r}]` must be a finite number, got {value!r}.")
+
+    def rank_and_alpha_for(self, layer_name: str) -> tuple[int, float]:
+        """The rank and `palora_alpha` of the layer called `layer_name` (its full module path), after the patterns.
+
+        The first key of each pattern that matches the end of the name wins, as in PEFT's LoRA.
+        """
+        r = self.rank_pattern.get(get_pattern_key(list(self.rank_pattern), layer_name), self.r)
+        alpha = self.alpha_pattern.get(get_pattern_key(list(self.alpha_pattern), layer_name), self.palora_alpha)
+        return r, alpha
+
     @property
     def scaling(self) -> float:
-        """The factor `palora_alpha / r` applied to every task adapter."""
+        """The factor `palora_alpha / r` applied to every task adapter without a pattern entry."""
         return float(self.palora_alpha) / self.r
 
 

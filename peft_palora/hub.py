@@ -294,9 +294,11 @@ def _config_summary(config: Any) -> list[str]:
     lines = [
         "- PEFT type: `PALORA`" + ("" if task_type is None else f", task type `{task_type}`"),
         f"- Tasks: T = {int(config.num_tasks)}",
-        f"- Rank per task adapter: r = {config.r}",
+        f"- Rank per task adapter: r = {config.r}"
+        + (f" (per layer: `rank_pattern` = {config.rank_pattern})" if getattr(config, "rank_pattern", None) else ""),
         f"- `palora_alpha` = {config.palora_alpha} (each adapter is scaled by alpha / r = "
-        f"{float(config.palora_alpha) / config.r:.4g})",
+        f"{float(config.palora_alpha) / config.r:.4g})"
+        + (f" (per layer: `alpha_pattern` = {config.alpha_pattern})" if getattr(config, "alpha_pattern", None) else ""),
         f"- `palora_dropout` = {config.palora_dropout}",
         f"- Target modules: {target_modules}",
         f"- `train_base_weights` = {bool(getattr(config, 'train_base_weights', False))}",

@@ -30,12 +30,10 @@ class PreferenceState:
     layers reuse the rank-expanded scale vector, which is computed once per (device, dtype) and preference.
     """
 
-    def __init__(self, num_tasks: int, r: int, scaling: float) -> None:
+    def __init__(self, num_tasks: int) -> None:
         self.num_tasks = num_tasks
-        self.r = r
-        self.scaling = scaling
         self._value = torch.full((num_tasks,), 1.0 / num_tasks)
-        self._scales: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._scales: dict[tuple[torch.device, torch.dtype, int, float], torch.Tensor] = {}
 
     @property
     def value(self) -> torch.Tensor:
@@ -52,12 +50,16 @@ class PreferenceState:
     def per_sample(self) -> bool:
         return self._value.dim() == 2
 
-    def scale(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``(alpha / r) * lambda`` repeated r times per task: shape (T*r,) or (batch, T*r)."""
-        key = (device, dtype)
+    def scale(self, device: torch.device, dtype: torch.dtype, r: int, scaling: float) -> torch.Tensor:
+        """``scaling * lambda`` repeated ``r`` times per task: shape (T*r,) or (batch, T*r).
+
+        ``r`` and ``scaling`` are the calling layer's (``rank_pattern``/``alpha_pattern`` may differ per layer); the
+        result is cached per (device, dtype, r, scaling) until the preference changes.
+        """
+        key = (device, dtype, r, scaling)
         scale = self._scales.get(key)
         if scale is None:
-            scale = (self._value * self.scaling).repeat_interleave(self.r, dim=-1).to(device=device, dtype=dtype)
+            scale = (self._value * scaling).repeat_interleave(r, dim=-1).to(device=device, dtype=dtype)
             self._scales[key] = scale
         return scale
 
@@ -144,6 +146,11 @@ class PaLoRALayer(BaseTunerLayer):
                 nn.init.normal_(b, std=0.1)
 
     # ---- the delta ----------------------------------------------------------------------------------------------
+    def _scale(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
+        """This layer's ``(alpha / r) * lambda`` per adapter direction, on ``like``'s device and dtype."""
+        state = self.preference_states[adapter_name]
+        return state.scale(like.device, like.dtype, self.r[adapter_name], self.scaling[adapter_name])
+
     def _shared_scale(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
         state = self.preference_states[adapter_name]
         if state.per_sample:
@@ -151,7 +158,7 @@ class PaLoRALayer(BaseTunerLayer):
                 f"Adapter '{adapter_name}' has a per-sample preference of shape {tuple(state.value.shape)}; one "
                 "preference for the whole model is needed here (merging bakes a single preference into the weights)."
             )
-        return state.scale(like.device, like.dtype)
+        return self._scale(adapter_name, like)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``(alpha / r) * sum_t lambda_t B_t A_t`` at the preference in force, in the base weight's layout."""
@@ -251,10 +258,10 @@ class _PaLoRAModule(nn.Module, PaLoRALayer):
         b = self.palora_B[adapter_name]
         state = self.preference_states[adapter_name]
         if state.per_sample:
-            scale = _per_sample_scale(state.scale(hidden.device, hidden.dtype), hidden, channel_dim=-1)
+            scale = _per_sample_scale(self._scale(adapter_name, hidden), hidden, channel_dim=-1)
             return F.linear(hidden * scale, b)
         # One preference for the batch: scale the (out, T*r) matrix, not the (batch, ..., T*r) activations.
-        return F.linear(hidden, b * state.scale(b.device, b.dtype))
+        return F.linear(hidden, b * self._scale(adapter_name, b))
 
     def __repr__(self) -> str:
         return "palora." + super().__repr__()
@@ -347,6 +354,34 @@ class ConvNd(_PaLoRAModule):
         delta = torch.bmm(b_scaled, a_grouped)  # (g, out/g, in/g * prod(kernel))
         return delta.reshape(self.get_base_layer().weight.shape)
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        names = self._active_palora_adapters()
+        if self.disable_adapters or self.merged or not names or not self._can_fold_into_weight(names):
+            return super().forward(x, *args, **kwargs)
+        # One preference for the whole batch: run ONE convolution with W + delta(lambda). The delta is as small as
+        # the kernel, while the adapter branch would store (batch, T*r, *spatial) activations and run a second
+        # convolution; autograd still reaches W, A and B through the sum.
+        base = self.get_base_layer()
+        weight = base.weight
+        for name in names:
+            weight = weight + self.get_delta_weight(name)
+        return base._conv_forward(x, weight, base.bias)
+
+    def _can_fold_into_weight(self, names: list[str]) -> bool:
+        """Whether the forward may use the summed weight: a shared preference, no active dropout on the adapter
+        input, adapters in the base weight's dtype (summing a small delta into a lower-precision weight would round
+        it away), and no hooks on the base layer that its ``forward`` would have run."""
+        base = self.get_base_layer()
+        if base._forward_hooks or base._forward_pre_hooks or type(base).forward not in _PLAIN_CONV_FORWARDS:
+            return False
+        for name in names:
+            dropout = self.palora_dropout[name]
+            if self.preference_states[name].per_sample or (dropout.training and not isinstance(dropout, nn.Identity)):
+                return False
+            if self.palora_A[name].dtype != base.weight.dtype or self.palora_B[name].dtype != base.weight.dtype:
+                return False
+        return True
+
     def _adapter_output(self, adapter_name, x):
         base = self.get_base_layer()
         a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
@@ -355,10 +390,10 @@ class ConvNd(_PaLoRAModule):
         hidden = base._conv_forward(x, a, None)
         state = self.preference_states[adapter_name]
         if state.per_sample:
-            scale = state.scale(hidden.device, hidden.dtype).repeat(1, self.groups)
+            scale = self._scale(adapter_name, hidden).repeat(1, self.groups)
             hidden = hidden * _per_sample_scale(scale, hidden, channel_dim=1)
             return self._grouped_pointwise(hidden, b)
-        scale = state.scale(b.device, b.dtype).view(1, -1, *([1] * self._spatial_dims))
+        scale = self._scale(adapter_name, b).view(1, -1, *([1] * self._spatial_dims))
         return self._grouped_pointwise(hidden, b * scale)
 
     def _grouped_pointwise(self, hidden: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -376,6 +411,8 @@ class ConvNd(_PaLoRAModule):
 
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# A subclass that overrides ``forward`` may do more than ``_conv_forward``; such layers keep the adapter branch.
+_PLAIN_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
 
 def dispatch_layer_type_supported(module: nn.Module) -> bool:

@@ -47,8 +47,8 @@ class PaLoRAModel(BaseTuner):
     def _preference_state(self, adapter_name: str, config: PaLoRAConfig) -> PreferenceState:
         states = self.__dict__.setdefault("_preference_states", {})
         state = states.get(adapter_name)
-        if state is None or (state.num_tasks, state.r, state.scaling) != (config.num_tasks, config.r, config.scaling):
-            state = PreferenceState(config.num_tasks, config.r, config.scaling)
+        if state is None or state.num_tasks != config.num_tasks:
+            state = PreferenceState(config.num_tasks)
             states[adapter_name] = state
         return state
 
@@ -62,10 +62,11 @@ class PaLoRAModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        r, alpha = palora_config.rank_and_alpha_for(current_key)
         kwargs = {
             "num_tasks": palora_config.num_tasks,
-            "r": palora_config.r,
-            "scaling": palora_config.scaling,
+            "r": r,
+            "scaling": float(alpha) / r,
             "dropout": palora_config.palora_dropout,
             "init_weights": palora_config.init_weights,
             "preference_state": self._preference_state(adapter_name, palora_config),
@@ -316,8 +317,9 @@ def _check_bundle_matches_model(model: nn.Module, config: PaLoRAConfig, adapter_
         if key in model_state and tuple(value.shape) != tuple(model_state[key].shape):
             problems.append(
                 f"shape of {key}: bundle {tuple(value.shape)}, model {tuple(model_state[key].shape)} (the config says "
-                f"num_tasks={config.num_tasks}, r={config.r}, so adapters hold num_tasks*r={config.num_tasks * config.r} "
-                "directions)"
+                f"num_tasks={config.num_tasks}, r={config.r}"
+                + (f", rank_pattern={config.rank_pattern}" if getattr(config, "rank_pattern", None) else "")
+                + ", so adapters hold num_tasks*r directions)"
             )
     if problems:
         raise ValueError(f"The PaLoRA bundle for adapter '{adapter_name}' does not match the model: " + "; ".join(problems))
