@@ -22,6 +22,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._folded_conv import conv_with_rebuilt_kernel
+
 
 class PreferenceState:
     """The preference in force for one adapter, shared by every layer that carries that adapter.
@@ -347,7 +349,9 @@ class ConvNd(_PaLoRAModule):
         return a_shape, b_shape
 
     def get_delta_weight(self, adapter_name):
-        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
+        return self._delta_from(adapter_name, self.palora_A[adapter_name], self.palora_B[adapter_name])
+
+    def _delta_from(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         g, total_rank = self.groups, b.shape[1]
         b_scaled = (b.flatten(1) * self._shared_scale(adapter_name, b)).view(g, self.out_features // g, total_rank)
         a_grouped = a.reshape(g, total_rank, -1)
@@ -360,12 +364,20 @@ class ConvNd(_PaLoRAModule):
             return super().forward(x, *args, **kwargs)
         # One preference for the whole batch: run ONE convolution with W + delta(lambda). The delta is as small as
         # the kernel, while the adapter branch would store (batch, T*r, *spatial) activations and run a second
-        # convolution; autograd still reaches W, A and B through the sum.
+        # convolution. Gradients still reach W, A and B through the sum.
         base = self.get_base_layer()
-        weight = base.weight
-        for name in names:
-            weight = weight + self.get_delta_weight(name)
-        return base._conv_forward(x, weight, base.bias)
+        inputs = [base.weight] + [t for name in names for t in (self.palora_A[name], self.palora_B[name])]
+
+        def summed_kernel(weight: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+            for i, name in enumerate(names):
+                weight = weight + self._delta_from(name, factors[2 * i], factors[2 * i + 1])
+            return weight
+
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        if training and x.dtype == base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # Do not keep the summed kernel (a copy of W) for backward; it is rebuilt there.
+            return conv_with_rebuilt_kernel(base, x, summed_kernel, inputs)
+        return base._conv_forward(x, summed_kernel(*inputs), base.bias)
 
     def _can_fold_into_weight(self, names: list[str]) -> bool:
         """Whether the forward may use the summed weight: a shared preference, no active dropout on the adapter

@@ -129,3 +129,76 @@ def test_merge_and_disabled_adapters_are_unaffected(merged):
     model.unmerge_adapter()
     torch.manual_seed(0)
     torch.testing.assert_close(base, ConvModel()(x), rtol=1e-6, atol=1e-6)
+
+
+# ---- the summed kernel is rebuilt in backward, not kept -------------------------------------------------------------
+GEOMETRIES = [
+    pytest.param(nn.Conv1d, {"kernel_size": 3, "stride": 2, "padding": 1}, id="conv1d-stride"),
+    pytest.param(nn.Conv2d, {"kernel_size": 3, "padding": 2, "dilation": 2, "groups": 2}, id="conv2d-dilated-grouped"),
+    pytest.param(nn.Conv2d, {"kernel_size": (2, 3), "padding": "same"}, id="conv2d-same-even-kernel"),
+    pytest.param(nn.Conv2d, {"kernel_size": 3, "padding": "valid", "bias": False}, id="conv2d-valid-no-bias"),
+    pytest.param(nn.Conv2d, {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"}, id="conv2d-reflect"),
+    pytest.param(nn.Conv2d, {"kernel_size": 3, "padding": 1, "padding_mode": "circular"}, id="conv2d-circular"),
+    pytest.param(nn.Conv3d, {"kernel_size": 2, "padding": 1, "padding_mode": "replicate"}, id="conv3d-replicate"),
+]
+
+
+class OneConv(nn.Module):
+    def __init__(self, conv_cls, kwargs):
+        super().__init__()
+        self.conv = conv_cls(4, 6, **kwargs)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("conv_cls, kwargs", GEOMETRIES)
+@pytest.mark.parametrize("train_base_weights", [True, False])
+def test_rebuilt_kernel_gives_autograds_gradients_for_every_geometry(conv_cls, kwargs, train_base_weights):
+    torch.manual_seed(0)
+    config = peft_palora.PaLoRAConfig(
+        num_tasks=2, r=2, target_modules=["conv"], init_weights=False, train_base_weights=train_base_weights
+    )
+    model = get_peft_model(OneConv(conv_cls, kwargs), config)
+    model.set_preference([0.3, 0.7])
+    layer = conv_layers(model)[0]
+    spatial = {nn.Conv1d: (9,), nn.Conv2d: (7, 8), nn.Conv3d: (5, 4, 6)}[conv_cls]
+    x = torch.randn(2, 4, *spatial, requires_grad=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(reference: bool):
+        x.grad = None
+        for p in params:
+            p.grad = None
+        if reference:  # plain autograd through W + delta
+            base = layer.get_base_layer()
+            out = base._conv_forward(x, base.weight + layer.get_delta_weight("default"), base.bias)
+        else:
+            out = model(x=x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), x.grad.clone(), [p.grad.clone() for p in params]
+
+    out, grad_x, grads = run(reference=False)
+    ref_out, ref_grad_x, ref_grads = run(reference=True)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_x, ref_grad_x, rtol=1e-5, atol=1e-5)
+    has_bias = layer.get_base_layer().bias is not None
+    assert len(grads) == 2 + (1 + has_bias if train_base_weights else 0)  # A, B (+ W and bias when trained)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_training_forward_keeps_no_copy_of_the_kernel():
+    torch.manual_seed(0)
+    config = peft_palora.PaLoRAConfig(num_tasks=2, r=1, target_modules=["conv"], train_base_weights=True)
+    model = get_peft_model(OneConv(nn.Conv2d, {"kernel_size": 3, "padding": 1}), config)
+    layer = conv_layers(model)[0]
+    x = torch.randn(2, 4, 6, 6)
+    inputs = (x, layer.get_base_layer().weight, *layer.palora_A.values(), *layer.palora_B.values())
+    allowed = {t.data_ptr() for t in inputs}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(x=x)
+    assert saved and {t.data_ptr() for t in saved} <= allowed
+    out.sum().backward()
+    assert layer.get_base_layer().weight.grad is not None and layer.palora_B["default"].grad.abs().sum() > 0
