@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 
 class _ConvWithRebuiltKernel(torch.autograd.Function):
@@ -27,15 +26,15 @@ class _ConvWithRebuiltKernel(torch.autograd.Function):
             out = torch.ops.aten.convolution(
                 x, kernel, bias, stride, padding, dilation, False, [0] * len(stride), groups
             )
-        ctx.save_for_backward(x, *kernel_inputs)
+        ctx.save_for_backward(x, bias, *kernel_inputs)
         ctx.geometry, ctx.make_kernel = geometry, make_kernel
-        ctx.bias_sizes = None if bias is None else list(bias.shape)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
-        x, *kernel_inputs = ctx.saved_tensors
+        x, bias, *kernel_inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # `create_graph=True`: the gradients must themselves be differentiable
+            return _differentiable_backward(ctx, grad_out, x, bias, kernel_inputs)
         stride, padding, dilation, groups = ctx.geometry
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_inputs = ctx.needs_input_grad[4:]
@@ -47,14 +46,14 @@ class _ConvWithRebuiltKernel(torch.autograd.Function):
             grad_out,
             x,
             kernel.detach(),
-            ctx.bias_sizes,
+            None if bias is None else list(bias.shape),
             stride,
             padding,
             dilation,
             False,
             [0] * len(stride),
             groups,
-            [need_x, need_kernel, need_bias and ctx.bias_sizes is not None],
+            [need_x, need_kernel, need_bias and bias is not None],
         )
         grads: list[torch.Tensor | None] = [None] * len(leaves)
         if need_kernel:
@@ -62,6 +61,21 @@ class _ConvWithRebuiltKernel(torch.autograd.Function):
             for i, grad in zip(wanted, torch.autograd.grad(kernel, [leaves[i] for i in wanted], grad_kernel)):
                 grads[i] = grad
         return (grad_x if need_x else None, grad_bias if need_bias else None, None, None, *grads)
+
+
+def _differentiable_backward(ctx, grad_out, x, bias, kernel_inputs):
+    """The rare higher-order case (gradient penalties, meta-learning): differentiate the plain expression again."""
+    stride, padding, dilation, groups = ctx.geometry
+    inputs = [x, bias, None, None, *kernel_inputs]
+    wanted = [i for i, need in enumerate(ctx.needs_input_grad) if need and inputs[i] is not None]
+    with torch.enable_grad():
+        kernel = ctx.make_kernel(*kernel_inputs)
+        out = torch.ops.aten.convolution(x, kernel, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+        grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True, allow_unused=True)
+    result: list[torch.Tensor | None] = [None] * len(inputs)
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return tuple(result)
 
 
 def conv_with_rebuilt_kernel(
@@ -75,7 +89,7 @@ def conv_with_rebuilt_kernel(
     Same result and gradients (for ``x``, ``conv.bias`` and every kernel input) as
     ``conv._conv_forward(x, make_kernel(*kernel_inputs), conv.bias)``, honouring the layer's stride, padding (numbers,
     ``"same"``/``"valid"`` and non-zero padding modes), dilation and groups; the built kernel is freed after the
-    forward. Not twice differentiable.
+    forward. Twice differentiable too (``create_graph=True`` re-runs the convolution in that backward).
     """
     padding = conv.padding
     if conv.padding_mode != "zeros" or padding == "same":

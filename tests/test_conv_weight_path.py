@@ -194,7 +194,8 @@ def test_training_forward_keeps_no_copy_of_the_kernel():
     model = get_peft_model(OneConv(nn.Conv2d, {"kernel_size": 3, "padding": 1}), config)
     layer = conv_layers(model)[0]
     x = torch.randn(2, 4, 6, 6)
-    inputs = (x, layer.get_base_layer().weight, *layer.palora_A.values(), *layer.palora_B.values())
+    base = layer.get_base_layer()
+    inputs = (x, base.weight, base.bias, *layer.palora_A.values(), *layer.palora_B.values())
     allowed = {t.data_ptr() for t in inputs}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -202,3 +203,27 @@ def test_training_forward_keeps_no_copy_of_the_kernel():
     assert saved and {t.data_ptr() for t in saved} <= allowed
     out.sum().backward()
     assert layer.get_base_layer().weight.grad is not None and layer.palora_B["default"].grad.abs().sum() > 0
+
+
+def test_a_gradient_penalty_differentiates_twice_like_autograd():
+    """``create_graph=True`` (gradient penalties, meta-learning) must work through the rebuilt kernel too."""
+    torch.manual_seed(0)
+    config = peft_palora.PaLoRAConfig(num_tasks=2, r=2, target_modules=["conv"], init_weights=False)
+    model = get_peft_model(OneConv(nn.Conv2d, {"kernel_size": 3, "stride": 2, "padding": 1}), config)
+    layer = conv_layers(model)[0]
+    base = layer.get_base_layer()
+    x = torch.randn(2, 4, 7, 7, requires_grad=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def penalty_grads(forward):
+        for p in params:
+            p.grad = None
+        (grad_x,) = torch.autograd.grad(forward().pow(2).sum(), x, create_graph=True)
+        grad_x.pow(2).sum().backward()
+        return [p.grad.clone() for p in params]
+
+    got = penalty_grads(lambda: model(x=x))
+    expected = penalty_grads(lambda: base._conv_forward(x, base.weight + layer.get_delta_weight("default"), base.bias))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in got)
