@@ -359,8 +359,10 @@ class ConvNd(_PaLoRAModule):
         return delta.reshape(self.get_base_layer().weight.shape)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if x.dim() == self._spatial_dims + 1:  # an unbatched input, which nn.Conv accepts: run it as a batch of one
+            return self.forward(x.unsqueeze(0), *args, **kwargs).squeeze(0)
         names = self._active_palora_adapters()
-        if self.disable_adapters or self.merged or not names or not self._can_fold_into_weight(names):
+        if self.disable_adapters or self.merged or not names or not self._can_fold_into_weight(names, x):
             return super().forward(x, *args, **kwargs)
         # One preference for the whole batch: run ONE convolution with W + delta(lambda). The delta is as small as
         # the kernel, while the adapter branch would store (batch, T*r, *spatial) activations and run a second
@@ -379,12 +381,29 @@ class ConvNd(_PaLoRAModule):
             return conv_with_rebuilt_kernel(base, x, summed_kernel, inputs)
         return base._conv_forward(x, summed_kernel(*inputs), base.bias)
 
-    def _can_fold_into_weight(self, names: list[str]) -> bool:
+    def _can_fold_into_weight(self, names: list[str], x: torch.Tensor) -> bool:
         """Whether the forward may use the summed weight: a shared preference, no active dropout on the adapter
         input, adapters in the base weight's dtype (summing a small delta into a lower-precision weight would round
-        it away), and no hooks on the base layer that its ``forward`` would have run."""
+        it away), no hooks on the base layer that its ``forward`` would have run, and enough output positions.
+
+        Building the delta costs about ``out * T*r * in/groups * prod(kernel)`` multiply-adds; the adapter branch
+        costs about as much per output position times ``(in/groups * prod(kernel) + out) / out``. So the summed
+        kernel is cheaper once the batch has at least ``out_channels`` output positions, the common case for
+        convolutions (a deep, narrow feature map at batch 1 takes the branch).
+
+        In training, the summed kernel's backward computes the gradient of the whole kernel. That is free when the
+        base weight trains anyway (``train_base_weights=True``, the paper's mode) but a full extra weight-gradient
+        convolution for a frozen base, where the branch only needs the small ``A`` and ``B`` gradients: a frozen
+        base therefore keeps the branch while gradients are being recorded.
+        """
         base = self.get_base_layer()
         if base._forward_hooks or base._forward_pre_hooks or type(base).forward not in _PLAIN_CONV_FORWARDS:
+            return False
+        if torch.is_grad_enabled() and not base.weight.requires_grad:
+            return False
+        spatial = x.shape[-self._spatial_dims :]
+        positions = x.shape[0] * math.prod(spatial) // math.prod(base.stride)
+        if positions < self.out_features:
             return False
         for name in names:
             dropout = self.palora_dropout[name]

@@ -33,7 +33,7 @@ def branch_reference(model, x):
     originals = {}
     for layer in conv_layers(model):
         originals[layer] = layer._can_fold_into_weight
-        layer._can_fold_into_weight = lambda names: False
+        layer._can_fold_into_weight = lambda names, x: False
     try:
         return model(x=x)
     finally:
@@ -90,7 +90,9 @@ def test_per_sample_preferences_keep_the_adapter_branch():
 
 def test_active_dropout_keeps_the_adapter_branch_and_eval_mode_folds():
     torch.manual_seed(0)
-    config = peft_palora.PaLoRAConfig(num_tasks=2, target_modules=TARGETS, palora_dropout=0.5, init_weights=False)
+    config = peft_palora.PaLoRAConfig(
+        num_tasks=2, target_modules=TARGETS, palora_dropout=0.5, init_weights=False, train_base_weights=True
+    )
     model = get_peft_model(ConvModel(), config)
     x = torch.randn(2, 4, 8, 8)
     model.train()
@@ -227,3 +229,26 @@ def test_a_gradient_penalty_differentiates_twice_like_autograd():
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert all(g.abs().sum() > 0 for g in got)
+
+
+def test_a_batch_with_fewer_output_positions_than_channels_takes_the_cheaper_branch():
+    """Building the delta costs about as much as the adapter branch over ``out_channels`` output positions."""
+    torch.manual_seed(0)
+    config = peft_palora.PaLoRAConfig(num_tasks=2, r=1, target_modules=["conv"], init_weights=False, train_base_weights=True)
+    model = get_peft_model(OneConv(nn.Conv2d, {"kernel_size": 3, "padding": 1}), config)  # 6 output channels
+    assert count_branch_calls(model, torch.randn(1, 4, 2, 2)) == 1  # 4 output positions < 6 channels
+    assert count_branch_calls(model, torch.randn(2, 4, 2, 2)) == 0  # 8 >= 6
+    unbatched = torch.randn(4, 3, 3)  # nn.Conv2d also takes (C, H, W)
+    torch.testing.assert_close(model(x=unbatched), branch_reference(model, unbatched))
+
+
+def test_a_frozen_base_keeps_the_branch_in_training_and_folds_without_gradients():
+    """With a frozen base the summed kernel's backward would add a whole weight-gradient convolution."""
+    torch.manual_seed(0)
+    config = peft_palora.PaLoRAConfig(num_tasks=2, r=1, target_modules=TARGETS, init_weights=False)
+    model = get_peft_model(ConvModel(), config)
+    x = torch.randn(2, 4, 8, 8)
+    assert count_branch_calls(model, x) == len(TARGETS)
+    with torch.no_grad():
+        assert count_branch_calls(model, x) == 0
+        torch.testing.assert_close(model(x=x), branch_reference(model, x), rtol=1e-5, atol=1e-5)
