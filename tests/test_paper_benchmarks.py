@@ -121,7 +121,7 @@ def test_multimnist_script_writes_finite_tables(tmp_path):
     for name in ("multimnist.md", "multimnist.json", "multimnist_front.png", "multimnist_seed0.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     seed = json.loads((tmp_path / "multimnist_seed0.json").read_text())
-    assert set(seed["methods"]) == {"palora", "pamal", "pamal_annealed", "ls", "stl"}
+    assert set(seed["methods"]) == {"palora", "palora_conv_r1", "pamal", "pamal_annealed", "ls", "stl"}
     for method, run in seed["methods"].items():
         assert _finite(run["loss"]) and _finite(run["accuracy"]), method
         assert 0.0 <= run["hypervolume"] <= 1.0
@@ -130,7 +130,9 @@ def test_multimnist_script_writes_finite_tables(tmp_path):
     assert len(seed["methods"]["palora"]["loss"]) == len(seed["methods"]["pamal"]["loss"]) == 11
     # after 3 steps from a random init the cross-entropies are still near ln(10)
     assert abs(np.mean(seed["methods"]["ls"]["loss"]) - math.log(10)) < 0.3
-    assert seed["methods"]["palora"]["adapter_parameters"] == 1990
+    # rank 5 on the 5x5 convolutions (conv1 250 + 100, conv2 2500 + 200), rank 1 elsewhere (740 + 2 * (200 + 120))
+    assert seed["methods"]["palora"]["adapter_parameters"] == 350 + 2700 + 740 + 640
+    assert seed["methods"]["palora_conv_r1"]["adapter_parameters"] == 1990
     assert len(result["end_checks"]) == 2
     assert "| PaLoRA |" in (tmp_path / "multimnist.md").read_text()
 

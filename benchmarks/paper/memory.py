@@ -300,7 +300,8 @@ def write_markdown(payload: dict, path: Path) -> None:
             "",
             "Measured peak-memory overhead ratio PaMaL / PaLoRA (tensor peak, then RSS peak): "
             + "; ".join(f"{LABELS[k]} {fmt_ratio(v['tensor'])} / {fmt_ratio(v['rss'])}" for k, v in ratios.items())
-            + ".",
+            + f". n/a: an overhead below {MEASURABLE_OVERHEAD_MIB:g} MiB (within measurement noise), so no "
+            "ratio is meaningful.",
         ]
     lines += ["", f"Setting: {payload['setting']}"]
     pt.atomic_write_text(path, "\n".join(lines) + "\n")
@@ -312,6 +313,25 @@ def overhead(row: dict, plain: dict, key: str) -> str:
     if row.get(key) is None or plain.get(key) is None:
         return "n/a"
     return f"{row[key] - plain[key]:+,.1f}"
+
+
+#: Below this rise over the plain network (MiB) an overhead is within measurement noise, and a ratio would be noise.
+MEASURABLE_OVERHEAD_MIB = 1.0
+
+
+def overhead_ratios(rows: list[dict]) -> dict[str, float | None]:
+    """PaMaL's peak-memory overhead over PaLoRA's, for the tensor and RSS peaks; None where not measurable."""
+    rows = {r["method"]: r for r in rows}
+    ratio = {}
+    for key, label in (("tensor_peak_mib", "tensor"), ("rss_peak_delta_mib", "rss")):
+        try:
+            palora = rows["palora"][key] - rows["plain"][key]
+            pamal = rows["pamal"][key] - rows["plain"][key]
+        except (KeyError, TypeError):
+            ratio[label] = None
+            continue
+        ratio[label] = pamal / palora if min(palora, pamal) >= MEASURABLE_OVERHEAD_MIB else None
+    return ratio
 
 
 def fmt_ratio(value) -> str:
@@ -397,6 +417,11 @@ def main(argv=None) -> dict | None:
     stem = "memory_paper_windows" if args.paper_windows else "memory"
     if args.tabulate_only:
         payload = json.loads((out / f"{stem}.json").read_text())
+        models = {run["model"] for run in payload["runs"]}
+        payload["overhead_ratios"] = {
+            name: overhead_ratios([r for r in payload["runs"] if r["model"] == name]) for name in MODELS if name in models
+        }
+        pt.atomic_write_json(out / f"{stem}.json", payload)
         write_markdown(payload, out / f"{stem}.md")
         plot(payload, out / f"{stem}.png")
         return payload
@@ -417,16 +442,7 @@ def main(argv=None) -> dict | None:
             f"MiB ({time.perf_counter() - start:.0f}s)",
             flush=True,
         )
-    ratios = {}
-    for name in args.models:
-        rows = {r["method"]: r for r in runs if r["model"] == name}
-        ratio = {}
-        for key, label in (("tensor_peak_mib", "tensor"), ("rss_peak_delta_mib", "rss")):
-            try:
-                ratio[label] = (rows["pamal"][key] - rows["plain"][key]) / (rows["palora"][key] - rows["plain"][key])
-            except (TypeError, ZeroDivisionError):
-                ratio[label] = None
-        ratios[name] = ratio
+    ratios = {name: overhead_ratios([r for r in runs if r["model"] == name]) for name in args.models}
     where = "IN-PROCESS (smoke test)" if args.in_process else "fresh process per configuration"
     payload = {
         "setting": f"threads {args.threads}; {where}; inputs random; Adam; batch and input per model as in the "

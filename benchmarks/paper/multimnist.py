@@ -2,9 +2,11 @@
 
 Setting (the paper's code, github.com/nik-dim/palora, configs/experiment/multimnist): MultiLeNet (shared LeNet encoder,
 one 2-layer head per digit), real MNIST digits composed into MultiMNIST (``peft_palora.multimnist``), Adam with
-lr 1e-3, batch 256, 10 epochs. PaLoRA: rank 1 on every convolution and linear layer (heads included), base weights
-trained, adapters at lr x T, the deterministic annealed schedule (``AnnealedGridSampler``, mul 5, epsilon 0.01) with a
-window of ``--window`` preferences per step whose scalarised losses are summed. Baselines on the same data and
+lr 1e-3, batch 256, 10 epochs. PaLoRA: r = 1 on every convolution and linear layer (heads included), base weights
+trained, adapters at lr x T; the two 5x5 convolutions get rank 5 (``rank_pattern``), the inner dimension r x k of the
+paper code's r = 1 convolution adapters (``palora_conv_r1`` keeps rank 1 there, for comparison); the deterministic annealed schedule
+(``AnnealedGridSampler``, mul 5, epsilon 0.01) with a window of ``--window`` preferences per step whose scalarised
+losses are summed. Baselines on the same data and
 budget: PaMaL (T full weight copies mixed by the preference, window 4 as in the paper code's PaMaL config) sampled as
 in its own paper (``pamal``: Dirichlet(1) rays, p = 1 in that config) and with PaLoRA's annealed schedule
 (``pamal_annealed``), linear scalarisation at equal weights, and one single-task model per digit.
@@ -44,12 +46,15 @@ from peft_palora.preferences import AnnealedGridSampler, DirichletSampler  # noq
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PREFIX = "multimnist"
-METHODS = ("palora", "pamal", "pamal_annealed", "ls", "stl")
-FRONT_METHODS = ("palora", "pamal", "pamal_annealed")
+METHODS = ("palora", "palora_conv_r1", "pamal", "pamal_annealed", "ls", "stl")
+FRONT_METHODS = ("palora", "palora_conv_r1", "pamal", "pamal_annealed")
+# The paper code's r=1 adapter on a 5x5 convolution is B (out*5, 5) @ A (5, in*5): r * k = 5 inner directions.
+PAPER_CONV_RANKS = ("conv1=5", "conv2=5")
 # The paper code's public results file (same protocol): mean test loss-hypervolume over 3 seeds.
 PAPER_REFERENCE = {"PaMaL": 0.752, "NashMTL": 0.729, "LS": 0.717}
 LABELS = {
     "palora": "PaLoRA",
+    "palora_conv_r1": "PaLoRA, rank-1 conv adapters",
     "pamal": "PaMaL (Dirichlet(1) rays)",
     "pamal_annealed": "PaMaL (annealed schedule)",
     "ls": "LS (equal weights)",
@@ -63,6 +68,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--alpha", type=float, default=1.0, help="PaLoRA's palora_alpha (adapter scale alpha / r).")
+    parser.add_argument(
+        "--rank_pattern",
+        nargs="*",
+        default=list(PAPER_CONV_RANKS),
+        metavar="LAYER=RANK",
+        help="Per-layer PaLoRA ranks (PaLoRAConfig.rank_pattern). Default: rank 5 = r x kernel size on the two 5x5 "
+        "convolutions, the inner dimension of the paper code's r=1 convolution adapters (B (out*k, r*k) @ "
+        "A (r*k, in*k)); the linear layers keep r. Those layers keep the scale alpha / r of the others (their palora_alpha is "
+        "RANK * alpha / rank). The method palora_conv_r1 ignores this flag and uses rank r everywhere.",
+    )
     parser.add_argument("--window", type=int, default=4, help="Preferences per step (PaLoRA and PaMaL).")
     parser.add_argument(
         "--window_mode",
@@ -79,6 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_test", type=int, default=None, help="Test images (default: all 10k).")
     parser.add_argument("--max_steps", type=int, default=None, help="Stop every run after this many steps.")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--eval_split",
+        default="test",
+        choices=("test", "validation"),
+        help="Where the fronts are evaluated: the 10k test images, or MNIST's 10k validation digits (for tuning "
+        "the settings the paper leaves open without looking at the test set).",
+    )
     parser.add_argument("--output_dir", default=str(RESULTS_DIR))
     parser.add_argument("--aggregate_only", action="store_true", help="Only rebuild the tables from seed files.")
     return parser.parse_args(argv)
@@ -86,15 +109,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def setting(args: argparse.Namespace) -> dict:
     """What must match for seed files to be aggregated together."""
-    keys = ("epochs", "batch_size", "lr", "rank", "window", "mul", "epsilon", "num_train", "num_test", "max_steps")
-    return {key: getattr(args, key) for key in keys}
+    keys = ("epochs", "batch_size", "lr", "rank", "alpha", "window", "mul", "epsilon", "num_train", "num_test")
+    keys += ("max_steps", "eval_split")
+    return {key: getattr(args, key) for key in keys} | {"rank_pattern": rank_pattern(args)}
+
+
+def rank_pattern(args: argparse.Namespace) -> dict[str, int]:
+    pattern = {}
+    for item in args.rank_pattern:
+        layer, _, rank = item.partition("=")
+        if not layer or not rank.isdigit() or int(rank) < 1:
+            raise SystemExit(f"--rank_pattern: expected LAYER=RANK with RANK >= 1, got {item!r}")
+        pattern[layer] = int(rank)
+    return pattern
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One seed
 # ---------------------------------------------------------------------------------------------------------------------
-def run_palora(args, seed, train_data, test_data) -> dict:
-    model = pt.build_palora(seed, rank=args.rank)
+def run_palora(args, seed, train_data, test_data, conv_r1: bool = False) -> dict:
+    pattern = {} if conv_r1 else rank_pattern(args)
+    model = pt.build_palora(seed, rank=args.rank, alpha=args.alpha, rank_pattern=pattern)
     optimizer = torch.optim.Adam(adapter_param_groups(model, lr=args.lr), lr=args.lr)
     sampler = AnnealedGridSampler(len(MULTIMNIST_TASKS), args.window, mul=args.mul, epsilon=args.epsilon)
 
@@ -180,6 +215,7 @@ def run_seed(args, seed, train_data, test_data) -> dict:
             payload["methods"] = previous["methods"]
     runners = {
         "palora": run_palora,
+        "palora_conv_r1": lambda *a: run_palora(*a, conv_r1=True),
         "pamal": run_pamal,
         "pamal_annealed": lambda *a: run_pamal(*a, annealed=True),
         "ls": lambda *a: run_plain(*a, weights=torch.full((len(MULTIMNIST_TASKS),), 1 / len(MULTIMNIST_TASKS))),
@@ -258,7 +294,9 @@ def write_markdown(args, seed_results, summary, checks, path) -> None:
         "# MultiMNIST: PaLoRA against PaMaL, LS and STL",
         "",
         f"Seeds {seeds}; {config['epochs']} epochs, batch {config['batch_size']}, Adam lr {config['lr']}, "
-        f"window {config['window']} (PaLoRA and PaMaL), PaLoRA rank {config['rank']}, schedule mul {config['mul']} "
+        f"window {config['window']} (PaLoRA and PaMaL), PaLoRA rank {config['rank']} with rank_pattern "
+        f"{config['rank_pattern']} and palora_alpha {config['alpha']} (the scale alpha / r is the same on every layer; "
+        f"'rank-1 conv adapters': rank {config['rank']} everywhere), schedule mul {config['mul']} "
         f"epsilon {config['epsilon']}; train images: {config['num_train'] or 'all 50000'}, test images: "
         f"{config['num_test'] or 'all 10000'}, max_steps: {config['max_steps']}. Values are mean ± sample std over "
         "seeds. Hypervolume: test (loss_left, loss_right) points, reference (1, 1), larger is better.",
@@ -346,6 +384,7 @@ def plot(seed_results, summary, path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     styles = {
         "palora": ("tab:red", "o-"),
+        "palora_conv_r1": ("tab:orange", "v--"),
         "pamal": ("tab:blue", "s-"),
         "pamal_annealed": ("tab:cyan", "^-"),
         "ls": ("tab:green", "D"),
@@ -405,7 +444,7 @@ def main(argv=None) -> dict | None:
     if not args.aggregate_only:
         start = time.perf_counter()
         train_data = pt.load_split("train", args.num_train)
-        test_data = pt.load_split("test", args.num_test)
+        test_data = pt.load_split(args.eval_split, args.num_test)
         print(
             f"data: {train_data[0].shape[0]} train / {test_data[0].shape[0]} test images "
             f"({time.perf_counter() - start:.0f}s)",

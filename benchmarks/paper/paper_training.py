@@ -60,18 +60,24 @@ def batch_indices(num_samples: int, batch_size: int, generator: torch.Generator)
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
-def build_palora(seed: int, rank: int = 1, alpha: float = 1.0) -> nn.Module:
+def build_palora(
+    seed: int, rank: int = 1, alpha: float = 1.0, rank_pattern: dict[str, int] | None = None
+) -> nn.Module:
     """MultiLeNet with PaLoRA on every convolution and linear layer, base weights trained (the paper's setting).
 
     ``palora_alpha = 1`` is the paper's ``lora_alpha`` default, so with ``r = 1`` the adapters are scaled by 1.
+    Layers given another rank by ``rank_pattern`` keep the same scale ``alpha / rank``.
     """
     torch.manual_seed(seed)
+    rank_pattern = dict(rank_pattern or {})
     config = peft_palora.PaLoRAConfig(
         task_names=list(MULTIMNIST_TASKS),
         r=rank,
         palora_alpha=alpha,
         target_modules=MULTILENET_TARGETS,
         train_base_weights=True,
+        rank_pattern=rank_pattern,
+        alpha_pattern={layer: layer_rank * alpha / rank for layer, layer_rank in rank_pattern.items()},
     )
     return get_peft_model(MultiLeNet(), config)
 
