@@ -349,11 +349,13 @@ class ConvNd(_PaLoRAModule):
         return a_shape, b_shape
 
     def get_delta_weight(self, adapter_name):
-        return self._delta_from(adapter_name, self.palora_A[adapter_name], self.palora_B[adapter_name])
+        b = self.palora_B[adapter_name]
+        return self._delta_from(self.palora_A[adapter_name], b, self._shared_scale(adapter_name, b))
 
-    def _delta_from(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _delta_from(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The delta for the stacked factors ``a``, ``b`` and the per-direction ``scale`` (``(alpha / r) * lambda``)."""
         g, total_rank = self.groups, b.shape[1]
-        b_scaled = (b.flatten(1) * self._shared_scale(adapter_name, b)).view(g, self.out_features // g, total_rank)
+        b_scaled = (b.flatten(1) * scale).view(g, self.out_features // g, total_rank)
         a_grouped = a.reshape(g, total_rank, -1)
         delta = torch.bmm(b_scaled, a_grouped)  # (g, out/g, in/g * prod(kernel))
         return delta.reshape(self.get_base_layer().weight.shape)
@@ -369,10 +371,13 @@ class ConvNd(_PaLoRAModule):
         # convolution. Gradients still reach W, A and B through the sum.
         base = self.get_base_layer()
         inputs = [base.weight] + [t for name in names for t in (self.palora_A[name], self.palora_B[name])]
+        # The preference in force NOW: backward may run after the preference has changed (a window of preferences,
+        # `preference=` on the call), and the rebuilt kernel must be the one this forward used.
+        scales = [self._shared_scale(name, self.palora_B[name]) for name in names]
 
         def summed_kernel(weight: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
-            for i, name in enumerate(names):
-                weight = weight + self._delta_from(name, factors[2 * i], factors[2 * i + 1])
+            for i, scale in enumerate(scales):
+                weight = weight + self._delta_from(factors[2 * i], factors[2 * i + 1], scale)
             return weight
 
         training = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)

@@ -252,3 +252,27 @@ def test_a_frozen_base_keeps_the_branch_in_training_and_folds_without_gradients(
     with torch.no_grad():
         assert count_branch_calls(model, x) == 0
         torch.testing.assert_close(model(x=x), branch_reference(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_backward_uses_the_preference_of_its_forward_even_after_it_changed():
+    """A window of preferences runs several forwards before one backward; each must rebuild its own kernel."""
+    model = build()
+    x = torch.randn(3, 4, 8, 8)
+    prefs = torch.tensor([[0.7, 0.2, 0.1], [0.0, 0.0, 1.0]])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def window_grads(forward):
+        for p in params:
+            p.grad = None
+        sum((forward(pref) ** 2).mean() * (i + 1) for i, pref in enumerate(prefs)).backward()
+        return [p.grad.clone() for p in params]
+
+    got = window_grads(lambda pref: model(x=x, preference=pref))  # the preference is restored after each call
+    expected = window_grads(lambda pref: branch_reference_at(model, x, pref))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def branch_reference_at(model, x, preference):
+    with model.preference_context(preference):
+        return branch_reference(model, x)
