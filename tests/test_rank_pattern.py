@@ -107,3 +107,11 @@ def test_a_bundle_saved_with_other_ranks_is_refused_before_loading(tmp_path):
 def test_bad_patterns_are_refused_naming_the_entry(overrides, error, message):
     with pytest.raises(error, match=message):
         peft_palora.PaLoRAConfig(num_tasks=2, **overrides)
+
+
+def test_model_card_shows_the_patterns():
+    from peft_palora.hub import build_model_card
+
+    card = str(build_model_card(build().peft_config["default"]))
+    assert "`rank_pattern` = {'grouped': 3, 'conv[13]d': 5}" in card
+    assert "`alpha_pattern` = {'conv1d': 10.0}" in card
