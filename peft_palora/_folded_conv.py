@@ -19,15 +19,12 @@ from torch import nn
 
 class _ConvWithRebuiltKernel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bias, geometry, make_kernel, *kernel_inputs):
-        stride, padding, dilation, groups = geometry
+    def forward(ctx, x, bias, conv_args, make_kernel, *kernel_inputs):
+        # conv_args: aten.convolution's (stride, padding, dilation, transposed, output_padding, groups)
         with torch.no_grad():
-            kernel = make_kernel(*kernel_inputs)
-            out = torch.ops.aten.convolution(
-                x, kernel, bias, stride, padding, dilation, False, [0] * len(stride), groups
-            )
+            out = torch.ops.aten.convolution(x, make_kernel(*kernel_inputs), bias, *conv_args)
         ctx.save_for_backward(x, bias, *kernel_inputs)
-        ctx.geometry, ctx.make_kernel = geometry, make_kernel
+        ctx.conv_args, ctx.make_kernel = conv_args, make_kernel
         return out
 
     @staticmethod
@@ -35,7 +32,6 @@ class _ConvWithRebuiltKernel(torch.autograd.Function):
         x, bias, *kernel_inputs = ctx.saved_tensors
         if torch.is_grad_enabled():  # `create_graph=True`: the gradients must themselves be differentiable
             return _differentiable_backward(ctx, grad_out, x, bias, kernel_inputs)
-        stride, padding, dilation, groups = ctx.geometry
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_inputs = ctx.needs_input_grad[4:]
         leaves = [t.detach().requires_grad_(need) for t, need in zip(kernel_inputs, need_inputs)]
@@ -47,12 +43,7 @@ class _ConvWithRebuiltKernel(torch.autograd.Function):
             x,
             kernel.detach(),
             None if bias is None else list(bias.shape),
-            stride,
-            padding,
-            dilation,
-            False,
-            [0] * len(stride),
-            groups,
+            *ctx.conv_args,
             [need_x, need_kernel, need_bias and bias is not None],
         )
         grads: list[torch.Tensor | None] = [None] * len(leaves)
@@ -65,12 +56,11 @@ class _ConvWithRebuiltKernel(torch.autograd.Function):
 
 def _differentiable_backward(ctx, grad_out, x, bias, kernel_inputs):
     """The rare higher-order case (gradient penalties, meta-learning): differentiate the plain expression again."""
-    stride, padding, dilation, groups = ctx.geometry
     inputs = [x, bias, None, None, *kernel_inputs]
     wanted = [i for i, need in enumerate(ctx.needs_input_grad) if need and inputs[i] is not None]
     with torch.enable_grad():
         kernel = ctx.make_kernel(*kernel_inputs)
-        out = torch.ops.aten.convolution(x, kernel, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+        out = torch.ops.aten.convolution(x, kernel, bias, *ctx.conv_args)
         grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True, allow_unused=True)
     result: list[torch.Tensor | None] = [None] * len(inputs)
     for i, grad in zip(wanted, grads):
@@ -99,5 +89,5 @@ def conv_with_rebuilt_kernel(
         padding = (0,) * len(conv.stride)
     elif padding == "valid":
         padding = (0,) * len(conv.stride)
-    geometry = (list(conv.stride), list(padding), list(conv.dilation), conv.groups)
-    return _ConvWithRebuiltKernel.apply(x, conv.bias, geometry, make_kernel, *kernel_inputs)
+    conv_args = (list(conv.stride), list(padding), list(conv.dilation), False, [0] * len(conv.stride), conv.groups)
+    return _ConvWithRebuiltKernel.apply(x, conv.bias, conv_args, make_kernel, *kernel_inputs)
