@@ -51,7 +51,9 @@ def _outputs(model, input_ids):
 
 
 @pytest.mark.parametrize("train_base_weights", [False, True])
-def test_reload_in_fresh_process_reproduces_outputs(tmp_path, train_base_weights):
+def test_reload_in_fresh_process_reproduces_outputs(tmp_path, train_base_weights, one_thread):
+    # Bit-for-bit equality across processes needs the same kernels: both sides run on one thread, whatever the
+    # thread count the test process happens to have.
     base_dir, bundle, model = _trained_bundle(tmp_path, train_base_weights)
     input_ids = torch.randint(1, 60, (2, 5))
     save_file({"input_ids": input_ids}, str(tmp_path / "inputs.safetensors"))
@@ -66,6 +68,7 @@ def test_reload_in_fresh_process_reproduces_outputs(tmp_path, train_base_weights
     script = textwrap.dedent(
         f"""
         import torch, peft_palora
+        torch.set_num_threads(1)
         from peft import PeftModel, AutoPeftModel
         from transformers import AutoModel
         from safetensors.torch import load_file, save_file
