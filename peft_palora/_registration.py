@@ -50,13 +50,21 @@ def _add_peft_type_member() -> PeftType:
 
 
 class _SpecialForwardArgs:
-    """Data descriptor for ``PeftModel.special_peft_forward_args`` that adds ``preference`` for PaLoRA models.
+    """Data descriptor for ``PeftModel.special_peft_forward_args``: adds ``preference`` for PaLoRA models.
 
-    ``PeftModel.forward``/``generate`` hand their keyword arguments to the tuner's ``_enable_peft_forward_hooks``
-    and then strip the names in ``special_peft_forward_args`` before calling the base model. ``PeftModel.__init__``
-    assigns that set as a plain instance attribute, so the only way for a tuner to add an argument without
-    re-implementing every ``PeftModel`` subclass is to intercept the attribute. Non-PaLoRA models see the set PEFT
-    assigned, unchanged.
+    This is the one patch on a PEFT class besides the enum member, and why it is needed: ``PeftModel.forward`` and
+    ``generate`` hand their keyword arguments to the tuner's ``_enable_peft_forward_hooks`` and then strip the
+    names in ``special_peft_forward_args`` before calling the base model. ``PeftModel.__init__`` assigns that set as
+    a plain instance attribute and no PEFT extension point adds to it, so a tuner can only add an argument by
+    intercepting the attribute.
+
+    The assignment in ``PeftModel.__init__`` is also the one moment PEFT hands a tuner-independent hook on a new
+    ``PeftModel``: for a PaLoRA model (``peft_type`` is set just before) it gives the instance its PaLoRA subclass
+    (``peft_model.adopt``), which carries PaLoRA's saving, loading and publishing. Non-PaLoRA models see the set PEFT
+    assigned and keep their class: LoRA users in the same process see PEFT as it is.
+
+    What would break it: a PEFT release that stops assigning ``special_peft_forward_args`` in ``__init__`` (or sets
+    it before ``peft_type``). ``tests/test_registration.py`` checks both effects against the installed PEFT.
     """
 
     _storage = "_peft_special_forward_args"
@@ -71,6 +79,10 @@ class _SpecialForwardArgs:
 
     def __set__(self, obj, value) -> None:
         obj.__dict__[self._storage] = set(value)
+        if obj.__dict__.get("peft_type") == PALORA_NAME:
+            from .peft_model import adopt
+
+            adopt(obj)
 
 
 def _install_preference_forward_arg() -> None:
@@ -83,15 +95,11 @@ def register() -> None:
     """Register PaLoRA with PEFT (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-    from ._peft_hooks import install as install_peft_hooks
     from .config import PaLoRAConfig
-    from .hub import install_push_to_hub_hook
     from .model import PaLoRAModel
 
     peft_type = _add_peft_type_member()
     _install_preference_forward_arg()
-    install_push_to_hub_hook()  # `push_to_hub` on a PaLoRA model publishes PaLoRA's own model card
-    install_peft_hooks()  # atomic, safetensors-only saving; early, clear errors when loading
 
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if registered is PaLoRAModel and PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is PaLoRAConfig:

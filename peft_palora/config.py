@@ -38,6 +38,9 @@ class PaLoRAConfig(PeftConfig):
         alpha_pattern (`dict[str, float]`): Per-layer `palora_alpha` overriding the default, matched the same way.
         init_weights (`bool`): True starts every `B_t` at zero so the wrapped model equals the base model at any
             preference. False initialises `B_t` randomly too (useful for tests).
+        default_preference (`list[float]`, *optional*): The `(T,)` preference a new or reloaded model starts at
+            (uniform when None). `set_preference` with a `(T,)` preference records it here, so the trade-off chosen
+            for deployment is saved with the bundle.
     """
 
     num_tasks: int | None = field(default=None, metadata={"help": "Number of tasks T (>= 2)."})
@@ -83,6 +86,13 @@ class PaLoRAConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "Start every B_t at zero so the adapted model equals the base model."}
     )
+    default_preference: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "The (T,) preference a new or reloaded model starts at (None: uniform). `set_preference` with a "
+            "(T,) preference updates it, so `save_pretrained` stores the trade-off chosen for deployment."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,12 +121,27 @@ class PaLoRAConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` needs `layers_to_transform` to be set too.")
+        if self.default_preference is not None:
+            from .preferences import validate_preference
+
+            value = validate_preference(
+                self.default_preference, self.num_tasks, self.task_names, name="`default_preference`"
+            )
+            if value.dim() != 1:
+                raise ValueError(f"`default_preference` must be one (T,) preference, got shape {tuple(value.shape)}.")
+            self.default_preference = value.tolist()
 
     def _validate_tasks(self) -> None:
         if self.task_names is not None:
             if isinstance(self.task_names, str) or not all(isinstance(name, str) for name in self.task_names):
                 raise TypeError(f"`task_names` must be a list of strings, got {self.task_names!r}.")
             self.task_names = list(self.task_names)
+            for name in self.task_names:
+                # Task names become module and file keys (task heads, metrics): PyTorch refuses "" and ".".
+                if not name or "." in name or not name.isprintable():
+                    raise ValueError(
+                        f"`task_names` entries must be non-empty, printable and free of '.', got {name!r}."
+                    )
             duplicates = sorted({name for name in self.task_names if self.task_names.count(name) > 1})
             if duplicates:
                 raise ValueError(f"`task_names` must be unique; duplicated: {duplicates}.")
@@ -153,6 +178,22 @@ class PaLoRAConfig(PeftConfig):
         r = self.rank_pattern.get(get_pattern_key(list(self.rank_pattern), layer_name), self.r)
         alpha = self.alpha_pattern.get(get_pattern_key(list(self.alpha_pattern), layer_name), self.palora_alpha)
         return r, alpha
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load a PaLoRA config (``PeftConfig.from_pretrained``), checking a local bundle's files first.
+
+        ``PeftModel.from_pretrained`` reads the config before it injects any layer, so a damaged or foreign bundle is
+        refused here, naming the file, while the user's model is still untouched.
+        """
+        from ._bundle_checks import check_local_bundle, local_bundle_dir
+
+        directory = local_bundle_dir(pretrained_model_name_or_path, subfolder)
+        if directory is not None:
+            check_local_bundle(directory)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config._palora_weights_pending = True  # the weights of this bundle are still to be loaded
+        return config
 
     @property
     def scaling(self) -> float:

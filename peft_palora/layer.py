@@ -22,77 +22,46 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import _per_call
 from ._folded_conv import conv_with_rebuilt_kernel
+from ._per_call import scale_vector
 
 
 class PreferenceState:
-    """The preference in force for one adapter, shared by every layer that carries that adapter.
+    """The default preference of one adapter, shared by every layer that carries that adapter.
 
-    Holding it in one object (instead of pushing a copy into each layer) makes ``set_preference`` O(1) and lets the
-    layers reuse the rank-expanded scale vector, which is computed once per (device, dtype) and preference.
+    The value is immutable: :meth:`PaLoRAModel.set_preference` replaces it with a new tensor, never edits it, so a
+    reader holding the old one keeps a consistent value. Calls do not read it layer by layer: each model call takes
+    one snapshot (see ``_per_call``), and a per-call ``preference=`` never touches it.
     """
 
-    def __init__(self, num_tasks: int) -> None:
+    def __init__(self, num_tasks: int, value: torch.Tensor | None = None) -> None:
         self.num_tasks = num_tasks
-        self._value = torch.full((num_tasks,), 1.0 / num_tasks)
-        self._scales: dict[tuple[torch.device, torch.dtype, int, float], torch.Tensor] = {}
+        self._value = torch.full((num_tasks,), 1.0 / num_tasks) if value is None else _frozen_copy(value)
 
     @property
     def value(self) -> torch.Tensor:
-        """The preference: shape (T,) for the whole batch or (batch, T) per sample."""
+        """The default preference: shape (T,) for the whole batch or (batch, T) per sample."""
         return self._value
 
     @value.setter
     def value(self, preference: torch.Tensor) -> None:
-        # Callers validate; this only stores a detached float32 copy so later in-place edits by the user can't leak in.
-        self._value = preference.detach().to(torch.float32).clone()
-        self._scales = {}
-
-    @property
-    def per_sample(self) -> bool:
-        return self._value.dim() == 2
-
-    def scale(self, device: torch.device, dtype: torch.dtype, r: int, scaling: float) -> torch.Tensor:
-        """``scaling * lambda`` repeated ``r`` times per task: shape (T*r,) or (batch, T*r).
-
-        ``r`` and ``scaling`` are the calling layer's (``rank_pattern``/``alpha_pattern`` may differ per layer); the
-        result is cached per (device, dtype, r, scaling) until the preference changes.
-        """
-        key = (device, dtype, r, scaling)
-        scale = self._scales.get(key)
-        if scale is None:
-            scale = (self._value * scaling).repeat_interleave(r, dim=-1).to(device=device, dtype=dtype)
-            self._scales[key] = scale
-        return scale
+        self._value = _frozen_copy(preference)  # callers validate; later in-place edits by the user can't leak in
 
 
-def _per_sample_scale(scale: torch.Tensor, hidden: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """Shape a (batch, C) per-sample scale so it broadcasts over ``hidden`` (channels at ``channel_dim``).
-
-    Rows of ``hidden`` are matched to preferences by the leading dimension. A leading dimension that is a multiple of
-    the preference batch (beam search expands each sample into contiguous beams; some models flatten batch and
-    sequence) repeats each preference over its contiguous rows.
-    """
-    batch = scale.shape[0]
-    rows = hidden.shape[0] if hidden.dim() > 1 else None
-    if rows is None or rows % batch != 0:
-        raise ValueError(
-            f"A per-sample preference has {batch} rows but the layer input has leading dimension "
-            f"{hidden.shape[0] if hidden.dim() else 'none'} (shape {tuple(hidden.shape)}); give one preference row per "
-            "sample in the batch."
-        )
-    if rows != batch:
-        scale = scale.repeat_interleave(rows // batch, dim=0)
-    shape = [rows] + [1] * (hidden.dim() - 1)
-    shape[channel_dim] = scale.shape[1]
-    return scale.view(shape)
+def _frozen_copy(preference: torch.Tensor) -> torch.Tensor:
+    # A plain tensor made outside any inference_mode block, so later training and merges may use it.
+    with torch.inference_mode(False):
+        return preference.detach().to(torch.float32).clone()
 
 
 class PaLoRALayer(BaseTunerLayer):
     """Common state of the PaLoRA layers (the mixin that LoRA calls ``LoraLayer``)."""
 
     adapter_layer_names: tuple[str, ...] = ("palora_A", "palora_B")
-    other_param_names: tuple[str, ...] = ("r", "scaling", "palora_dropout", "num_tasks", "preference_states")
+    other_param_names: tuple[str, ...] = (
+        "r", "scaling", "palora_dropout", "num_tasks", "preference_states", "merged_preferences"
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -103,10 +72,12 @@ class PaLoRALayer(BaseTunerLayer):
         self.palora_A = nn.ParameterDict({})
         self.palora_B = nn.ParameterDict({})
         self.preference_states: dict[str, PreferenceState] = {}
+        # The (T,) preference each merged adapter was merged at: unmerge subtracts exactly that delta (no weight copy).
+        self.merged_preferences: dict[str, torch.Tensor] = {}
+        # Which dimension of this layer's input holds the samples: 0, or 1 inside a `batch_first=False` module.
+        self.batch_dim = 0
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        # The exact base weight from before the first merge, so unmerge restores it bit for bit.
-        self._unmerged_weight: torch.Tensor | None = None
         self.kwargs = kwargs
 
     # ---- construction -------------------------------------------------------------------------------------------
@@ -147,62 +118,119 @@ class PaLoRALayer(BaseTunerLayer):
             else:
                 nn.init.normal_(b, std=0.1)
 
-    # ---- the delta ----------------------------------------------------------------------------------------------
+    # ---- the preference -----------------------------------------------------------------------------------------
+    def _preference(self, adapter_name: str) -> torch.Tensor:
+        """The preference in force for this adapter: the running call's, else the adapter's default."""
+        snapshot = _per_call.current()
+        if snapshot is not None and adapter_name in snapshot.values:
+            return snapshot.values[adapter_name]
+        return self.preference_states[adapter_name].value
+
     def _scale(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
         """This layer's ``(alpha / r) * lambda`` per adapter direction, on ``like``'s device and dtype."""
-        state = self.preference_states[adapter_name]
-        return state.scale(like.device, like.dtype, self.r[adapter_name], self.scaling[adapter_name])
+        r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        snapshot = _per_call.current()
+        if snapshot is not None and adapter_name in snapshot.values:
+            return snapshot.scale(adapter_name, r, scaling, like.device, like.dtype)
+        return scale_vector(self.preference_states[adapter_name].value, r, scaling).to(like.device, like.dtype)
 
-    def _shared_scale(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
-        state = self.preference_states[adapter_name]
-        if state.per_sample:
+    def _shared_preference(self, adapter_name: str, preference: torch.Tensor | None) -> torch.Tensor:
+        preference = self._preference(adapter_name) if preference is None else preference
+        if preference.dim() != 1:
             raise ValueError(
-                f"Adapter '{adapter_name}' has a per-sample preference of shape {tuple(state.value.shape)}; one "
+                f"Adapter '{adapter_name}' has a per-sample preference of shape {tuple(preference.shape)}; one "
                 "preference for the whole model is needed here (merging bakes a single preference into the weights)."
             )
-        return self._scale(adapter_name, like)
+        return preference
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``(alpha / r) * sum_t lambda_t B_t A_t`` at the preference in force, in the base weight's layout."""
+    def _forward_scales(self) -> dict[str, torch.Tensor]:
+        """The per-direction scale of every active adapter that adds something to this forward.
+
+        An adapter merged at ``lambda_m`` is already in the weight; a call at another preference ``lambda`` adds
+        the adapter at ``lambda - lambda_m`` (the delta is linear in the preference), so a merged model serves any
+        preference without its shared weights being touched.
+        """
+        scales = {}
+        for name in self._active_palora_adapters():
+            b = self.palora_B[name]
+            if name not in self.merged_adapters:
+                scales[name] = self._scale(name, b)
+                continue
+            merged_at = self.merged_preferences[name]
+            preference = self._preference(name)
+            if preference.dim() == 1 and torch.equal(preference, merged_at.to(preference)):
+                continue
+            snapshot = _per_call.current()
+            expansion = snapshot.expansion if snapshot is not None else 1
+            difference = preference - merged_at.to(preference)
+            scales[name] = scale_vector(difference, self.r[name], self.scaling[name], expansion).to(b.device, b.dtype)
+        return scales
+
+    # ---- the delta ----------------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str, preference: torch.Tensor | None = None) -> torch.Tensor:
+        """``(alpha / r) * sum_t lambda_t B_t A_t`` in the base weight's layout.
+
+        Args:
+            adapter_name: the PEFT adapter.
+            preference: a validated (T,) preference; the one in force when None (the running call's, else the
+                default set by ``set_preference``).
+        """
+        b = self.palora_B[adapter_name]
+        preference = self._shared_preference(adapter_name, preference)
+        scale = scale_vector(preference, self.r[adapter_name], self.scaling[adapter_name]).to(b.device, b.dtype)
+        return self._delta_from(self.palora_A[adapter_name], b, scale)
+
+    def _delta_from(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The formula of this layer type: the delta for stacked factors ``a``, ``b`` and per-direction ``scale``."""
         raise NotImplementedError
+
+    @staticmethod
+    def _scaled_b(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``B`` with its T*r columns scaled by a shared ``scale`` (the one place ``B`` meets the preference)."""
+        return (b.flatten(1) * scale).view_as(b)
 
     # ---- merging ------------------------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the delta at the preference in force to the base weight.
+        """Add the delta at the preference in force to the base weight, and remember that preference (T floats).
 
-        The pre-merge weight is kept so that ``unmerge`` restores it exactly, whatever the preference is by then.
+        No copy of the weight is kept: ``unmerge`` subtracts the same delta again.
         """
         adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.palora_A]
-        if adapter_names:
-            self._write_merged_weight(self.merged_adapters + adapter_names, safe_merge)
-
-    def remerge(self) -> None:
-        """Re-merge the merged adapters at their current preferences (after ``set_preference`` on a merged model)."""
-        if self.merged:
-            self._write_merged_weight(list(self.merged_adapters), safe_merge=False)
-
-    def _write_merged_weight(self, adapter_names: list[str], safe_merge: bool) -> None:
+        preferences = {name: self._shared_preference(name, None) for name in adapter_names}  # raises before writing
         weight = self.get_base_layer().weight
-        original = self._unmerged_weight if self._unmerged_weight is not None else weight.data
-        merged = original.clone()
-        for name in adapter_names:  # get_delta_weight raises for per-sample preferences, before anything changes
-            merged += self.get_delta_weight(name).to(merged.dtype)
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"NaNs or infs detected when merging adapters {adapter_names}; nothing was merged.")
-        if self._unmerged_weight is None:
-            self._unmerged_weight = weight.data.clone()
-        with torch.no_grad():
-            weight.data.copy_(merged)
-        self.merged_adapters = adapter_names
+        for name, preference in preferences.items():
+            delta = self.get_delta_weight(name, preference).to(weight.dtype)
+            with torch.no_grad():
+                if safe_merge:
+                    merged = weight.data + delta
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(f"NaNs or infs detected when merging adapter '{name}'; nothing was merged.")
+                    weight.data.copy_(merged)
+                    del merged
+                else:
+                    weight.data.add_(delta)
+            del delta
+            self.merged_preferences[name] = _frozen_copy(preference)
+            self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Restore the exact base weight from before the first merge."""
+        """Subtract the merged deltas again (to within float rounding)."""
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            preference = self.merged_preferences.pop(name)
+            with torch.no_grad():
+                weight.data.sub_(self.get_delta_weight(name, preference).to(weight.dtype))
+
+    def remerge(self) -> None:
+        """Move the merged adapters to the preference now in force: subtract the old delta, add the new one."""
         if not self.merged:
             return
-        with torch.no_grad():
-            self.get_base_layer().weight.data.copy_(self._unmerged_weight)
-        self._unmerged_weight = None
-        self.merged_adapters = []
+        names = list(self.merged_adapters)
+        for name in names:
+            self._shared_preference(name, None)  # a per-sample preference cannot be merged: refuse before writing
+        self.unmerge()
+        self.merge(adapter_names=names)
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def _active_palora_adapters(self) -> list[str]:
@@ -213,15 +241,33 @@ class PaLoRALayer(BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+        return self._forward(x, self._forward_scales(), *args, **kwargs)
+
+    def _forward(self, x: torch.Tensor, scales: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer plus each adapter's branch at its scale (the branch every layer type has)."""
         result = self.base_layer(x, *args, **kwargs)
-        for name in self._active_palora_adapters():
-            result = result + self._adapter_output(name, x).to(result.dtype)
+        for name, scale in scales.items():
+            result = result + self._adapter_output(name, x, scale).to(result.dtype)
         return result
 
-    def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def _adapter_output(self, adapter_name: str, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _per_sample_scale(self, scale: torch.Tensor, hidden: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """Shape a (rows, C) per-sample scale to broadcast over ``hidden``: samples at ``batch_dim``, channels at
+        ``channel_dim``. The rows must be exactly the samples: nothing is repeated or guessed."""
+        rows = hidden.shape[self.batch_dim] if hidden.dim() > max(self.batch_dim, 1) else None
+        if rows != scale.shape[0]:
+            raise ValueError(
+                f"A per-sample preference has {scale.shape[0]} rows but this {type(self.get_base_layer()).__name__} "
+                f"layer's input (shape {tuple(hidden.shape)}) has "
+                + (f"{rows} samples along dimension {self.batch_dim}" if rows is not None else "no batch dimension")
+                + "; give exactly one preference row per sample."
+            )
+        shape = [1] * hidden.dim()
+        shape[self.batch_dim] = rows
+        shape[channel_dim] = scale.shape[1]
+        return scale.view(shape)
 
 
 class _PaLoRAModule(nn.Module, PaLoRALayer):
@@ -255,15 +301,13 @@ class _PaLoRAModule(nn.Module, PaLoRALayer):
         """Read the shapes the adapters need (``in_features``, ``out_features``, ...) off the base layer."""
         raise NotImplementedError
 
-    def _linear_up_projection(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
+    def _linear_up_projection(self, adapter_name: str, hidden: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``B`` applied to the (..., T*r) hidden directions, with the preference folded in."""
         b = self.palora_B[adapter_name]
-        state = self.preference_states[adapter_name]
-        if state.per_sample:
-            scale = _per_sample_scale(self._scale(adapter_name, hidden), hidden, channel_dim=-1)
-            return F.linear(hidden * scale, b)
+        if scale.dim() == 2:  # one preference per sample: scale the activations row by row
+            return F.linear(hidden * self._per_sample_scale(scale, hidden, channel_dim=-1), b)
         # One preference for the batch: scale the (out, T*r) matrix, not the (batch, ..., T*r) activations.
-        return F.linear(hidden, b * self._scale(adapter_name, b))
+        return F.linear(hidden, self._scaled_b(b, scale))
 
     def __repr__(self) -> str:
         return "palora." + super().__repr__()
@@ -282,47 +326,53 @@ class Linear(_PaLoRAModule):
     def _adapter_shapes(self, total_rank):
         return (total_rank, self.in_features), (self.out_features, total_rank)
 
-    def get_delta_weight(self, adapter_name):
-        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
-        delta = (b * self._shared_scale(adapter_name, b)) @ a
+    def _delta_from(self, a, b, scale):
+        delta = self._scaled_b(b, scale) @ a
         return delta.T if self.fan_in_fan_out else delta
 
-    def _adapter_output(self, adapter_name, x):
+    def _adapter_output(self, adapter_name, x, scale):
         a = self.palora_A[adapter_name]
         x = self.palora_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
-        return self._linear_up_projection(adapter_name, F.linear(x, a))
+        return self._linear_up_projection(adapter_name, F.linear(x, a), scale)
 
 
 class Embedding(_PaLoRAModule):
-    """PaLoRA for ``nn.Embedding``: ``A`` is looked up like an embedding table, ``B`` projects to the embedding."""
+    """PaLoRA for ``nn.Embedding``: ``A`` is looked up like an embedding table, ``B`` projects to the embedding.
+
+    As in LoRA, ``palora_dropout`` does not apply to embeddings (their input is token ids), and a config that sets it
+    for other layers may still target embeddings.
+    """
 
     def _describe_base_layer(self, base_layer):
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
 
     def update_layer(self, adapter_name, num_tasks, r, scaling, dropout, init_weights, preference_state):
-        if dropout > 0.0:
-            raise ValueError("`palora_dropout` must be 0 for embedding layers (their input is token ids).")
-        super().update_layer(adapter_name, num_tasks, r, scaling, dropout, init_weights, preference_state)
+        super().update_layer(adapter_name, num_tasks, r, scaling, 0.0, init_weights, preference_state)
 
     def _adapter_shapes(self, total_rank):
         return (total_rank, self.in_features), (self.out_features, total_rank)
 
     def reset_palora_parameters(self, adapter_name, init_weights):
-        # As LoRA does for embeddings: a normal lookup table, B zero (identity start) or random.
+        # As LoRA does for embeddings: the lookup table A starts at zero and B is normal, so the adapters start as
+        # the identity while the gradient reaches A (the factor that sees the tokens) from the first step. Random
+        # A (and B as small as the other layers' test B) with init_weights=False (for tests).
         with torch.no_grad():
-            nn.init.normal_(self.palora_A[adapter_name])
-            b = self.palora_B[adapter_name]
-            nn.init.zeros_(b) if init_weights else nn.init.normal_(b, std=0.1)
+            a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
+            if init_weights:
+                nn.init.zeros_(a)
+                nn.init.normal_(b)
+            else:
+                nn.init.normal_(a)
+                nn.init.normal_(b, std=0.1)
 
-    def get_delta_weight(self, adapter_name):
-        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
-        return ((b * self._shared_scale(adapter_name, b)) @ a).T
+    def _delta_from(self, a, b, scale):
+        return (self._scaled_b(b, scale) @ a).T
 
-    def _adapter_output(self, adapter_name, x):
+    def _adapter_output(self, adapter_name, x, scale):
         base = self.get_base_layer()
         hidden = F.embedding(x, self.palora_A[adapter_name].T, padding_idx=base.padding_idx, max_norm=base.max_norm,
                              norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
-        out = self._linear_up_projection(adapter_name, hidden)
+        out = self._linear_up_projection(adapter_name, hidden, scale)
         embed_scale = self._get_embed_scale()  # e.g. Gemma scales its embeddings; the delta must be scaled alike
         return out if embed_scale is None else out * embed_scale.to(out.dtype)
 
@@ -348,14 +398,9 @@ class ConvNd(_PaLoRAModule):
         b_shape = (self.out_features, total_rank) + (1,) * self._spatial_dims
         return a_shape, b_shape
 
-    def get_delta_weight(self, adapter_name):
-        b = self.palora_B[adapter_name]
-        return self._delta_from(self.palora_A[adapter_name], b, self._shared_scale(adapter_name, b))
-
-    def _delta_from(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The delta for the stacked factors ``a``, ``b`` and the per-direction ``scale`` (``(alpha / r) * lambda``)."""
+    def _delta_from(self, a, b, scale):
         g, total_rank = self.groups, b.shape[1]
-        b_scaled = (b.flatten(1) * scale).view(g, self.out_features // g, total_rank)
+        b_scaled = self._scaled_b(b, scale).reshape(g, self.out_features // g, total_rank)
         a_grouped = a.reshape(g, total_rank, -1)
         delta = torch.bmm(b_scaled, a_grouped)  # (g, out/g, in/g * prod(kernel))
         return delta.reshape(self.get_base_layer().weight.shape)
@@ -363,20 +408,22 @@ class ConvNd(_PaLoRAModule):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if x.dim() == self._spatial_dims + 1:  # an unbatched input, which nn.Conv accepts: run it as a batch of one
             return self.forward(x.unsqueeze(0), *args, **kwargs).squeeze(0)
-        names = self._active_palora_adapters()
-        if self.disable_adapters or self.merged or not names or not self._can_fold_into_weight(names, x):
-            return super().forward(x, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
+    def _forward(self, x, scales, *args, **kwargs):
+        if not scales or self.merged or not self._can_fold_into_weight(scales, x):
+            return super()._forward(x, scales, *args, **kwargs)
         # One preference for the whole batch: run ONE convolution with W + delta(lambda). The delta is as small as
         # the kernel, while the adapter branch would store (batch, T*r, *spatial) activations and run a second
-        # convolution. Gradients still reach W, A and B through the sum.
+        # convolution. Gradients still reach W, A and B through the sum. The scales are this forward's: backward may
+        # run after the preference has changed (a window of preferences), and the rebuilt kernel must be this one.
         base = self.get_base_layer()
+        names = list(scales)
         inputs = [base.weight] + [t for name in names for t in (self.palora_A[name], self.palora_B[name])]
-        # The preference in force NOW: backward may run after the preference has changed (a window of preferences,
-        # `preference=` on the call), and the rebuilt kernel must be the one this forward used.
-        scales = [self._shared_scale(name, self.palora_B[name]) for name in names]
+        scale_list = [scales[name] for name in names]
 
         def summed_kernel(weight: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
-            for i, scale in enumerate(scales):
+            for i, scale in enumerate(scale_list):
                 weight = weight + self._delta_from(factors[2 * i], factors[2 * i + 1], scale)
             return weight
 
@@ -386,10 +433,12 @@ class ConvNd(_PaLoRAModule):
             return conv_with_rebuilt_kernel(base, x, summed_kernel, inputs)
         return base._conv_forward(x, summed_kernel(*inputs), base.bias)
 
-    def _can_fold_into_weight(self, names: list[str], x: torch.Tensor) -> bool:
-        """Whether the forward may use the summed weight: a shared preference, no active dropout on the adapter
-        input, adapters in the base weight's dtype (summing a small delta into a lower-precision weight would round
-        it away), no hooks on the base layer that its ``forward`` would have run, and enough output positions.
+    def _can_fold_into_weight(self, scales: dict[str, torch.Tensor], x: torch.Tensor) -> bool:
+        """The cost rule between the two paths: whether the forward may use the summed weight.
+
+        It may with a shared preference, no active dropout on the adapter input, adapters in the base weight's dtype
+        (summing a small delta into a lower-precision weight would round it away), no hooks on the base layer that
+        its ``forward`` would have run, and enough output positions.
 
         Building the delta costs about ``out * T*r * in/groups * prod(kernel)`` multiply-adds; the adapter branch
         costs about as much per output position times ``(in/groups * prod(kernel) + out) / out``. So the summed
@@ -410,27 +459,24 @@ class ConvNd(_PaLoRAModule):
         positions = x.shape[0] * math.prod(spatial) // math.prod(base.stride)
         if positions < self.out_features:
             return False
-        for name in names:
+        for name, scale in scales.items():
             dropout = self.palora_dropout[name]
-            if self.preference_states[name].per_sample or (dropout.training and not isinstance(dropout, nn.Identity)):
+            if scale.dim() != 1 or (dropout.training and not isinstance(dropout, nn.Identity)):
                 return False
             if self.palora_A[name].dtype != base.weight.dtype or self.palora_B[name].dtype != base.weight.dtype:
                 return False
         return True
 
-    def _adapter_output(self, adapter_name, x):
+    def _adapter_output(self, adapter_name, x, scale):
         base = self.get_base_layer()
         a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
         x = self.palora_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
         # `_conv_forward` applies the base layer's stride, padding (and padding mode), dilation and groups.
         hidden = base._conv_forward(x, a, None)
-        state = self.preference_states[adapter_name]
-        if state.per_sample:
-            scale = self._scale(adapter_name, hidden).repeat(1, self.groups)
-            hidden = hidden * _per_sample_scale(scale, hidden, channel_dim=1)
+        if scale.dim() == 2:
+            hidden = hidden * self._per_sample_scale(scale.repeat(1, self.groups), hidden, channel_dim=1)
             return self._grouped_pointwise(hidden, b)
-        scale = self._scale(adapter_name, b).view(1, -1, *([1] * self._spatial_dims))
-        return self._grouped_pointwise(hidden, b * scale)
+        return self._grouped_pointwise(hidden, self._scaled_b(b, scale))
 
     def _grouped_pointwise(self, hidden: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``B`` as a grouped 1x1 convolution, written as one batched matmul over the channels.

@@ -13,21 +13,22 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .config import PaLoRAConfig
+from . import _per_call
+from ._bundle_checks import mismatched_sizes_ignored
 from .layer import PaLoRALayer, PreferenceState, dispatch_layer, dispatch_layer_type_supported
 from .preferences import validate_preference
 
 PreferenceLike = Union[torch.Tensor, np.ndarray, list, tuple, Mapping[str, float]]  # noqa: UP007 (runtime alias)
 
-# Keyword arguments whose leading dimension is the batch, in the order a transformers model is most likely to get them.
-_BATCH_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "x")
 
 
 class PaLoRAModel(BaseTuner):
     """Creates a PaLoRA model (Pareto Low-Rank Adapters, arXiv 2407.08056) from a pretrained model.
 
     Every targeted layer receives `num_tasks` low-rank adapters. The preference (a point on the simplex) chooses
-    how much each task adapter contributes; change it at any time with [`set_preference`] or per call with
-    `model(**inputs, preference=...)`, where a `(batch, T)` preference gives every sample its own trade-off.
+    how much each task adapter contributes; change the default at any time with [`set_preference`], or give one for a
+    single call with `model(**inputs, preference=...)`, where a `(batch, T)` preference gives every sample its own
+    trade-off. A per-call preference is data for that call only: calls in several threads never see each other's.
 
     Example:
 
@@ -43,13 +44,23 @@ class PaLoRAModel(BaseTuner):
     tuner_layer_cls = PaLoRALayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
+        # Set before BaseTuner.__init__, which injects the first adapter (and so needs both).
+        self._preference_states: dict[str, PreferenceState] = {}  # the default preference of each adapter
+        self._replaced_during_injection: list[tuple[nn.Module, str, nn.Module]] = []
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
     # ---- injection ----------------------------------------------------------------------------------------------
     def _preference_state(self, adapter_name: str, config: PaLoRAConfig) -> PreferenceState:
-        states = self.__dict__.setdefault("_preference_states", {})
-        state = states.get(adapter_name)
+        state = self._preference_states.get(adapter_name)
         if state is None or state.num_tasks != config.num_tasks:
-            state = PreferenceState(config.num_tasks)
-            states[adapter_name] = state
+            start = None
+            if config.default_preference is not None:
+                start = validate_preference(
+                    config.default_preference, config.num_tasks, config.task_names, name="default_preference"
+                )
+            state = PreferenceState(config.num_tasks, start)
+            self._preference_states[adapter_name] = state
         return state
 
     def _create_and_replace(
@@ -80,18 +91,19 @@ class PaLoRAModel(BaseTuner):
                 f"Target module '{current_key}' ({type(target).__name__}) is not supported by PaLoRA. Supported: "
                 "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv1d/2d/3d."
             )
+        new_module.batch_dim = _batch_dim_of(self.model, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # adding a further adapter does not make it trainable
         self._replace_module(parent, target_name, new_module, target)
-        self.__dict__.setdefault("_replaced_during_injection", []).append((parent, target_name, target))
+        self._replaced_during_injection.append((parent, target_name, target))
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        self.__dict__["_replaced_during_injection"] = []
+        self._replaced_during_injection = []
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except BaseException as error:
             # A refused injection must not leave the user's model half-adapted: put back every replaced layer.
-            for parent, target_name, original in reversed(self.__dict__["_replaced_during_injection"]):
+            for parent, target_name, original in reversed(self._replaced_during_injection):
                 setattr(parent, target_name, original)
             if not isinstance(error, ValueError) or "not found in the base model" not in str(error):
                 raise
@@ -99,21 +111,11 @@ class PaLoRAModel(BaseTuner):
                                 if name and dispatch_layer_type_supported(module)})
             raise type(error)(f"{error} Layers of this model that PaLoRA can adapt: {adaptable}.") from error
         finally:
-            self.__dict__.pop("_replaced_during_injection", None)
+            self._replaced_during_injection = []
 
     def _post_injection_hook(self, model: nn.Module, config: PaLoRAConfig, adapter_name: str) -> None:
         if hasattr(model, "add_model_tags"):  # transformers models: PEFT copies these tags into the model card
             model.add_model_tags(["palora"])
-        if self.__dict__.get("_batch_check_handle") is None:
-            # A hook on the base model sees its real inputs whichever PeftModel subclass (or none) calls it.
-            self._batch_check_handle = model.register_forward_pre_hook(self._check_batch_pre_hook, with_kwargs=True)
-
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
-        model = super()._unload_and_optionally_merge(*args, **kwargs)
-        handle = self.__dict__.pop("_batch_check_handle", None)
-        if handle is not None:
-            handle.remove()
-        return model
 
     def _palora_layers(self, adapter_name: str | None = None) -> Iterator[tuple[str, PaLoRALayer]]:
         for name, module in self.model.named_modules():
@@ -132,6 +134,10 @@ class PaLoRAModel(BaseTuner):
     # ---- preferences --------------------------------------------------------------------------------------------
     def _validate_for_adapter(self, preference: PreferenceLike, adapter_name: str) -> torch.Tensor:
         config = self.peft_config[adapter_name]
+        if _is_list_of_mappings(preference):  # one {task: weight} dict per sample (e.g. one per user)
+            rows = [validate_preference(row, config.num_tasks, config.task_names, name=f"preference[{i}]")
+                    for i, row in enumerate(preference)]
+            return torch.stack([row.reshape(-1) if row.dim() == 1 else row for row in rows])
         return validate_preference(preference, num_tasks=config.num_tasks, task_names=config.task_names)
 
     def _target_adapters(self, adapter_name: str | None) -> list[str]:
@@ -141,48 +147,53 @@ class PaLoRAModel(BaseTuner):
             return [adapter_name]
         return [name for name in self.active_adapters if isinstance(self.peft_config[name], PaLoRAConfig)]
 
-    def _states(self) -> dict[str, PreferenceState]:
-        return self.__dict__.setdefault("_preference_states", {})
-
     def set_preference(self, preference: PreferenceLike, adapter_name: str | None = None) -> None:
-        """Set the preference in force until the next call.
+        """Set the default preference: the one every call uses that does not pass its own `preference=`.
+
+        The default is replaced as a whole (never edited in place), so calls running in other threads use either the
+        old or the new value throughout. A shared `(T,)` default is also recorded in the adapter's config
+        (`default_preference`), so `save_pretrained` stores the chosen trade-off and a reload starts at it.
 
         Args:
-            preference: shape `(T,)` (one trade-off for the whole batch), `(batch, T)` (one per sample), or a dict
-                `{task_name: weight}` when the config has `task_names`. Must be finite, non-negative and sum to 1
-                (tolerance 1e-4); nothing is renormalised silently.
+            preference: shape `(T,)` (one trade-off for the whole batch), `(batch, T)` (one per sample), a dict
+                `{task_name: weight}` when the config has `task_names`, or a list of such dicts (one per sample).
+                Must be finite, non-negative and sum to 1 (tolerance 1e-4); nothing is renormalised silently.
             adapter_name: the adapter to set; all active adapters by default.
 
         Raises:
-            ValueError: the preference is malformed, or the adapter is merged at another preference (unmerge first).
+            ValueError: the preference is malformed, or the adapter is merged and the preference is per-sample
+                (unmerge first).
         """
         names = self._target_adapters(adapter_name)
         validated = {name: self._validate_for_adapter(preference, name) for name in names}  # all checks first
         for name, value in validated.items():
             self._check_mergeable_if_merged(name, value)
         for name, value in validated.items():
-            self._states()[name].value = value
-        self._remerge(validated)
+            self._preference_states[name].value = value
+            self.peft_config[name].default_preference = value.tolist() if value.dim() == 1 else None
+        for name in validated:
+            for layer in self._merged_layers(name):
+                layer.remerge()
 
     def get_preference(self, adapter_name: str | None = None) -> torch.Tensor:
-        """The preference in force (a copy): shape `(T,)` or `(batch, T)`."""
+        """The preference in force (a copy): inside a call or `preference_context`, that one; else the default."""
         names = self._target_adapters(adapter_name)
         if not names:
             raise ValueError("No active PaLoRA adapter.")
-        return self._states()[names[0]].value.clone()
+        snapshot = _per_call.current()
+        if snapshot is not None and names[0] in snapshot.values:
+            return snapshot.values[names[0]].detach().clone()
+        return self._preference_states[names[0]].value.clone()
 
     @contextmanager
     def preference_context(self, preference: PreferenceLike, adapter_name: str | None = None) -> Iterator[None]:
-        """Run a block at `preference`, then restore the preference that was in force before."""
+        """Run a block at `preference`, in this thread only: the default and other threads are not affected."""
         names = self._target_adapters(adapter_name)
-        previous = {name: self._states()[name].value for name in names}
-        self.set_preference(preference, adapter_name)
-        try:
+        enclosing = _per_call.current()
+        values = dict(enclosing.values) if enclosing is not None else {}
+        values.update({name: self._validate_for_adapter(preference, name) for name in names})
+        with _per_call.call_preferences(_per_call.CallPreferences(values)):
             yield
-        finally:
-            for name, value in previous.items():
-                self._states()[name].value = value
-            self._remerge(previous)
 
     def _merged_layers(self, adapter_name: str) -> list[PaLoRALayer]:
         return [layer for _, layer in self._palora_layers(adapter_name) if adapter_name in layer.merged_adapters]
@@ -191,56 +202,52 @@ class PaLoRAModel(BaseTuner):
         if value.dim() == 2 and self._merged_layers(adapter_name):
             raise ValueError(
                 f"Adapter '{adapter_name}' is merged into the weights, which hold ONE preference; a per-sample "
-                f"preference of shape {tuple(value.shape)} needs `unmerge_adapter()` first."
+                f"default preference of shape {tuple(value.shape)} needs `unmerge_adapter()` first (a per-sample "
+                "`preference=` for one call works on a merged model)."
             )
-
-    def _remerge(self, adapter_names: Mapping[str, Any]) -> None:
-        """Keep merged weights at the preference in force: re-merge from the exact pre-merge weights."""
-        for name in adapter_names:
-            for layer in self._merged_layers(name):
-                layer.remerge()
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """Apply `preference=` for one call (PeftModel strips the argument before calling the base model)."""
-        # `generate` expands every sample into num_beams * num_return_sequences contiguous rows.
-        expansion = int(kwargs.get("num_beams") or 1) * int(kwargs.get("num_return_sequences") or 1)
-        previous_expansion, self._row_expansion = self._row_expansion, expansion
-        try:
-            preference = kwargs.get("preference")
-            if preference is None:
-                yield
-                return
-            if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()):
-                raise ValueError(
-                    "`preference=` cannot be used while training with gradient checkpointing: the checkpointed "
-                    "layers re-run during backward, after this call has ended. Use `set_preference(...)` before the "
-                    "forward."
-                )
-            with self.preference_context(preference):
-                yield
-        finally:
-            self._row_expansion = previous_expansion
+        """Fix the preferences of one call (PeftModel strips `preference=` before calling the base model).
 
-    _row_expansion: int = 1
-
-    def _check_batch_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Before every forward of the base model: a per-sample preference must have one row per sample."""
-        batch_size = _batch_size(args, kwargs)
-        if batch_size is None:
-            return
+        The snapshot is the per-call `preference=` where given, else the enclosing `preference_context`'s, else the
+        default; it reaches the layers through a context variable (`_per_call`), never through shared state.
+        """
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "`adapter_names=` (PEFT's mixed-adapter batches) is not supported by PaLoRA models. To give samples "
+                "different trade-offs, pass a per-sample `preference=` of shape (batch, T); to switch adapters, use "
+                "`set_adapter`."
+            )
+        preference = kwargs.get("preference")
+        enclosing = _per_call.current()
+        values = {}
         for name in self._target_adapters(None):
-            value = self._states()[name].value
-            if value.dim() == 2 and batch_size not in (value.shape[0], value.shape[0] * self._row_expansion):
+            if preference is not None:
+                values[name] = self._validate_for_adapter(preference, name)
+            elif enclosing is not None and name in enclosing.values:
+                values[name] = enclosing.values[name]
+            else:
+                values[name] = self._preference_states[name].value
+        batch = _per_call.batch_of(args, kwargs) or _per_call.call_batch()
+        for name, value in values.items():
+            if value.dim() == 2 and batch is not None and value.shape[0] != batch[0]:
                 raise ValueError(
-                    f"The per-sample preference has {value.shape[0]} rows but the batch has {batch_size} samples."
+                    f"The per-sample preference has {value.shape[0]} rows but the model was called with "
+                    f"{batch[0]} samples (`{batch[1]}` has shape {batch[2]}); give exactly one preference row per "
+                    "sample, or one (T,) preference for the whole batch."
                 )
+        expansion = _generation_expansion(self.model, kwargs) if _per_call.generating() else 1
+        if self.training:
+            _per_call.preserve_in_checkpointing(self.model)
+        with _per_call.call_preferences(_per_call.CallPreferences(values, expansion)):
+            yield
 
     # ---- merging ------------------------------------------------------------------------------------------------
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
         for name in self._target_adapters(None):
-            value = self._states()[name].value
+            value = self._preference_states[name].value
             if value.dim() == 2:
                 raise ValueError(
                     f"Adapter '{name}' has a per-sample preference of shape {tuple(value.shape)}; a merge bakes ONE "
@@ -248,23 +255,83 @@ class PaLoRAModel(BaseTuner):
                 )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge the adapters into the base weights at the preference in force (`unmerge_adapter` restores exactly)."""
+        """Merge the adapters into the base weights at the preference in force.
+
+        The weight gets `W + delta(lambda)` in place and only lambda (T floats) is remembered: `unmerge_adapter`
+        subtracts the same delta. A later `set_preference` re-merges; a call with its own `preference=` adds the
+        adapters at the difference, without touching the weights.
+        """
         self._check_merge_allowed()
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def export_lora(
+        self, save_directory: str, preference: PreferenceLike | None = None, adapter_name: str | None = None
+    ) -> str:
+        """Write a standard PEFT LoRA bundle equal to this model at `preference` (the one in force when None).
+
+        See [`peft_palora.lora_interop.export_lora`].
+        """
+        from .lora_interop import export_lora
+
+        return export_lora(self, save_directory, preference=preference, adapter_name=adapter_name)
 
     # ---- saving and loading -------------------------------------------------------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # bias="all" collects every bias, also those inside modules_to_save wrappers, which PEFT saves on their own
+        # (as `<module>.bias`): the wrapper's copy and its frozen original would be saved twice and could not be
+        # loaded back.
+        for key in [key for key in to_return if _is_wrapped_copy_bias(key)]:
+            del to_return[key]
         if getattr(config, "train_base_weights", False):
             to_return.update({key: state_dict[key] for key in _base_weight_keys(model, adapter_name, state_dict)})
         return to_return
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = {key: value for key, value in state_dict.items() if not _is_wrapped_copy_bias(key)}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         _check_bundle_matches_model(model, config, adapter_name, remapped)
         return remapped
+
+
+def _is_wrapped_copy_bias(key: str) -> bool:
+    return key.endswith(".bias") and (".modules_to_save." in key or ".original_module." in key)
+
+
+def _is_list_of_mappings(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(row, Mapping) for row in value)
+
+
+def _batch_dim_of(model: nn.Module, key: str) -> int:
+    """Where the samples are in the input of the layer at `key`: dimension 1 below a module with
+    `batch_first=False` (e.g. `nn.TransformerEncoderLayer`, which feeds its linears (seq, batch, features)), else 0.
+    The innermost such module decides."""
+    batch_dim, module = 0, model
+    for part in key.split(".")[:-1]:
+        module = getattr(module, part, None)
+        if module is None:
+            break
+        batch_first = getattr(module, "batch_first", None)
+        if isinstance(batch_first, bool):
+            batch_dim = 0 if batch_first else 1
+    return batch_dim
+
+
+def _generation_expansion(model: nn.Module, kwargs: Mapping[str, Any]) -> int:
+    """How many rows `generate` makes of each sample: num_beams x num_return_sequences, from the call's arguments,
+    its `generation_config`, or the model's."""
+    configs = [kwargs, kwargs.get("generation_config"), getattr(model, "generation_config", None)]
+
+    def first(attribute: str) -> int:
+        for config in configs:
+            value = config.get(attribute) if isinstance(config, Mapping) else getattr(config, attribute, None)
+            if value is not None:
+                return int(value)
+        return 1
+
+    return max(1, first("num_beams")) * max(1, first("num_return_sequences"))
 
 
 def _base_weight_keys(model: nn.Module, adapter_name: str, state_dict: Mapping[str, Any]) -> list[str]:
@@ -312,8 +379,22 @@ def _check_bundle_matches_model(model: nn.Module, config: PaLoRAConfig, adapter_
             "in the bundle but not in the model (another base model, or a config whose target_modules differ from "
             f"the weights'): {_short_list(unexpected)}"
         )
+    # What the config says the bundle holds: nothing else may overwrite the base model.
+    foreign = sorted(
+        key for key in given
+        if key in model_state and key not in expected and not _allowed_extra_key(key, config, adapter_name)
+    )
+    if foreign:
+        problems.append(
+            "tensors the config does not declare (they would overwrite base weights: with train_base_weights="
+            f"{config.train_base_weights}, bias={config.bias!r} and modules_to_save={config.modules_to_save}, a "
+            f"bundle holds only adapters, those base layers and modules): {_short_list(foreign)}"
+        )
+    ignore_mismatched = mismatched_sizes_ignored()
     for key, value in checkpoint.items():
         key = model_key(key)
+        if ignore_mismatched:
+            continue  # PEFT skips (and reports) mismatched tensors when asked to
         if key in model_state and tuple(value.shape) != tuple(model_state[key].shape):
             problems.append(
                 f"shape of {key}: bundle {tuple(value.shape)}, model {tuple(model_state[key].shape)} (the config says "
@@ -325,19 +406,19 @@ def _check_bundle_matches_model(model: nn.Module, config: PaLoRAConfig, adapter_
         raise ValueError(f"The PaLoRA bundle for adapter '{adapter_name}' does not match the model: " + "; ".join(problems))
 
 
+def _allowed_extra_key(key: str, config: PaLoRAConfig, adapter_name: str) -> bool:
+    """Keys a bundle may hold besides the adapters and trained base layers: modules_to_save copies and the biases
+    that `bias` trains."""
+    if f".modules_to_save.{adapter_name}." in key:
+        return True
+    if config.bias == "all" and key.endswith(".bias"):
+        return True
+    return config.bias == "palora_only" and key.endswith(".base_layer.bias")
+
+
 def _short_list(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
-def _batch_size(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
-    for name in _BATCH_INPUT_NAMES:
-        value = kwargs.get(name)
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
-        return args[0].shape[0]
-    return None
 
 
 def palora_layers(model: nn.Module) -> list[BaseTunerLayer]:

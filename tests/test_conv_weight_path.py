@@ -45,7 +45,9 @@ def count_branch_calls(model, x, **kwargs) -> int:
     calls = []
     for layer in conv_layers(model):
         original = layer._adapter_output
-        layer._adapter_output = lambda name, inp, _original=original: calls.append(name) or _original(name, inp)
+        layer._adapter_output = lambda name, inp, scale, _original=original: calls.append(name) or _original(
+            name, inp, scale
+        )
     model(x=x, **kwargs)
     for layer in conv_layers(model):
         del layer._adapter_output

@@ -113,7 +113,7 @@ def test_low_precision_base_keeps_float32_adapters_and_matches_float32(case, nam
 
 @pytest.mark.parametrize("name", LOW_PRECISION)
 @pytest.mark.parametrize("case", CUSTOM_CASES, ids=lambda c: c.name)
-def test_low_precision_merge_is_close_and_unmerge_is_exact(case, name):
+def test_low_precision_merge_is_close_and_unmerge_restores(case, name):
     model = build(case, LOW_PRECISION[name])
     inputs = cast_inputs(case.make_inputs(3), LOW_PRECISION[name])
     weights = [layer.get_base_layer().weight.detach().clone() for layer in palora_layers(model)]
@@ -126,8 +126,15 @@ def test_low_precision_merge_is_close_and_unmerge_is_exact(case, name):
         # the merged weight is rounded to the low precision once more: allow twice the tolerance
         assert_close_to_scale(merged, unmerged.float(), 2 * TOLERANCE[name])
         model.unmerge_adapter()
-        assert all(torch.equal(layer.get_base_layer().weight, w) for layer, w in zip(palora_layers(model), weights))
-        assert torch.equal(model(**inputs), unmerged)
+        # No copy of the weights is kept, so unmerge subtracts the delta in the low precision: each weight comes back
+        # to within a couple of that dtype's rounding steps of its value.
+        eps = torch.finfo(LOW_PRECISION[name]).eps
+        for layer, before in zip(palora_layers(model), weights):
+            after = layer.get_base_layer().weight
+            delta = max(float((after.float() - before.float()).abs().max()), 0.0)
+            bound = 2 * eps * float(before.float().abs().max() + layer.get_delta_weight("default").float().abs().max())
+            assert delta <= bound, (delta, bound)
+        assert_close_to_scale(model(**inputs), unmerged.float(), 2 * TOLERANCE[name])
 
 
 class SingleLayer(torch.nn.Module):

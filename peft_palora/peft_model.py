@@ -1,0 +1,159 @@
+"""What a `PeftModel` does differently when it holds PaLoRA adapters.
+
+PEFT picks the `PeftModel` class from the task type (`PeftModelForCausalLM`, ...), never from the PEFT method, so
+a tuner cannot bring its own. PaLoRA's instances therefore get a PaLoRA subclass of the class PEFT chose, once, when
+PEFT constructs them (see `_registration`): `isinstance` checks, `type(model).__name__` and every PEFT method keep
+working, and `PeftModel` itself is left as PEFT wrote it, so LoRA models in the same process see PEFT unchanged.
+
+The subclass adds, for PaLoRA bundles only:
+
+* `save_pretrained`: safetensors only, and the bundle switches atomically as a whole (`_atomic.atomic_directory`);
+  the first save writes PaLoRA's model card (tasks, preferences, usage) instead of PEFT's blank template;
+* `load_adapter` (which `PeftModel.from_pretrained` calls): bundle files checked before PEFT reads them, clear
+  errors naming the file and the tensors, and a refused load leaves the base model as it was;
+* `push_to_hub`: PaLoRA's card, published in one commit (`hub.push_palora_to_hub`);
+* `generate`: marks the call, so a per-sample preference covers the beams and returned sequences of its sample.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from peft import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from torch import nn
+
+from . import _per_call
+from ._atomic import atomic_directory
+from ._bundle_checks import (
+    check_local_bundle,
+    check_modules_to_save_present,
+    ignoring_mismatched_sizes,
+    local_bundle_dir,
+    restore_base_model,
+)
+
+_README = "README.md"
+
+
+class PaLoRAPeftModelMixin:
+    """The PaLoRA behaviour of a `PeftModel` (mixed in front of the class PEFT chose for the task type)."""
+
+    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("safe_serialization", True) is False:
+            raise ValueError("`safe_serialization=False` is not supported: PaLoRA bundles are safetensors only.")
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise TypeError(f"`save_directory` must be a path, got {type(save_directory).__name__}.")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` {os.fspath(save_directory)!r} is a file; give a directory.")
+        if not kwargs.get("is_main_process", True):
+            return None
+        with atomic_directory(os.fspath(save_directory)) as staging:
+            card = os.path.join(save_directory, _README)
+            if os.path.isfile(card):  # PEFT updates an existing card in place: keep the user's edits
+                shutil.copy2(card, os.path.join(staging, _README))
+            return super().save_pretrained(staging, *args, **kwargs)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """PaLoRA's own card for a new bundle; an existing card (perhaps edited by its owner) is updated as PEFT does."""
+        if not os.path.isfile(os.path.join(output_dir, _README)):
+            from . import hub
+
+            writer = getattr(hub, "write_model_card", None)
+            if writer is not None:
+                writer(self, output_dir)
+                return
+        super().create_or_update_model_card(output_dir)
+
+    def load_adapter(self, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
+        directory = local_bundle_dir(model_id, kwargs.get("subfolder"))
+        config = self.peft_config.get(adapter_name)
+        # From `PeftModel.from_pretrained`: the layers were injected for a bundle whose weights are not loaded yet.
+        fresh = config is not None and getattr(config, "_palora_weights_pending", False)
+        existed = config is not None
+        try:
+            if directory is not None and check_local_bundle(directory) is not None:
+                check_modules_to_save_present(self, directory)
+            with ignoring_mismatched_sizes(bool(kwargs.get("ignore_mismatched_sizes", False))):
+                result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
+        except BaseException:
+            if fresh:
+                restore_base_model(self.base_model.model, adapter_name)
+            elif not existed and adapter_name in self.peft_config:
+                self.delete_adapter(adapter_name)
+            raise
+        if adapter_name in self.peft_config:
+            self.peft_config[adapter_name]._palora_weights_pending = False
+        return result
+
+    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
+        """Publish the bundle with PaLoRA's model card in one commit (see `peft_palora.hub.push_palora_to_hub`).
+
+        Accepts the arguments of transformers' `push_to_hub` (`commit_message`, `commit_description`, `private`,
+        `token`, `revision`, `create_pr`, `tags`; `max_shard_size` is accepted and ignored, adapters are never
+        sharded) plus those of `push_palora_to_hub` (`front_table`, `hypervolume`, `plot_path`, ...).
+        """
+        from .hub import push_palora_to_hub
+
+        if args:
+            raise TypeError("push_to_hub() takes `repo_id` as its only positional argument on PaLoRA models.")
+        kwargs.pop("max_shard_size", None)
+        if kwargs.get("commit_message") is None:
+            kwargs.pop("commit_message", None)
+        return push_palora_to_hub(self, repo_id, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        with _per_call.recording_batch(args, kwargs):
+            return super().forward(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        with _per_call.generation(), _per_call.recording_batch(args, kwargs):
+            return super().generate(*args, **kwargs)
+
+
+def _subclass(base: type) -> type:
+    cls = type(base.__name__, (PaLoRAPeftModelMixin, base), {"__module__": __name__, "__doc__": base.__doc__})
+    cls.__qualname__ = f"PaLoRA{base.__name__}"
+    return cls
+
+
+# Module-level names, so a pickled model (e.g. torch.save of a whole model) finds its class again.
+PaLoRAPeftModel = _subclass(PeftModel)
+PaLoRAPeftModelForCausalLM = _subclass(PeftModelForCausalLM)
+PaLoRAPeftModelForSeq2SeqLM = _subclass(PeftModelForSeq2SeqLM)
+PaLoRAPeftModelForSequenceClassification = _subclass(PeftModelForSequenceClassification)
+PaLoRAPeftModelForTokenClassification = _subclass(PeftModelForTokenClassification)
+PaLoRAPeftModelForQuestionAnswering = _subclass(PeftModelForQuestionAnswering)
+PaLoRAPeftModelForFeatureExtraction = _subclass(PeftModelForFeatureExtraction)
+
+_BY_BASE = {cls.__mro__[2]: cls for cls in (
+    PaLoRAPeftModel, PaLoRAPeftModelForCausalLM, PaLoRAPeftModelForSeq2SeqLM,
+    PaLoRAPeftModelForSequenceClassification, PaLoRAPeftModelForTokenClassification,
+    PaLoRAPeftModelForQuestionAnswering, PaLoRAPeftModelForFeatureExtraction,
+)}
+_subclass_cache: dict[type, type] = {}
+
+
+def palora_class_for(cls: type) -> type:
+    """The PaLoRA subclass of a `PeftModel` class (one of PEFT's, or a user's subclass of one)."""
+    if issubclass(cls, PaLoRAPeftModelMixin):
+        return cls
+    found = _BY_BASE.get(cls) or _subclass_cache.get(cls)
+    if found is None:
+        found = _subclass_cache[cls] = _subclass(cls)
+    return found
+
+
+def adopt(peft_model: nn.Module) -> None:
+    """Give a `PeftModel` holding PaLoRA adapters its PaLoRA class (idempotent)."""
+    peft_model.__class__ = palora_class_for(type(peft_model))
+
