@@ -25,6 +25,7 @@ _LAZY = {
     "PaLoRATrainer": "training",
     "PaLoRATrainingArguments": "training",
     "PaLoRAHFTrainer": "hf_trainer",
+    "from_lora_adapters": "lora_interop",
 }
 
 
@@ -44,5 +45,6 @@ __all__ = [
     "PaLoRATrainingArguments",
     "__version__",
     "adapter_param_groups",
+    "from_lora_adapters",
     "palora_layers",
 ]

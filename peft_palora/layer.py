@@ -49,6 +49,14 @@ class PreferenceState:
         self._value = _frozen_copy(preference)  # callers validate; later in-place edits by the user can't leak in
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor"
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
 def _frozen_copy(preference: torch.Tensor) -> torch.Tensor:
     # A plain tensor made outside any inference_mode block, so later training and merges may use it.
     with torch.inference_mode(False):
@@ -175,10 +183,18 @@ class PaLoRALayer(BaseTunerLayer):
             preference: a validated (T,) preference; the one in force when None (the running call's, else the
                 default set by ``set_preference``).
         """
-        b = self.palora_B[adapter_name]
+        # Under FSDP2 the factors and the weight are DTensor shards: the delta is built from the gathered factors
+        # (a collective, so every rank must merge together) and cut back to this rank's shard of the weight.
+        a, b = _full_tensor(self.palora_A[adapter_name]), _full_tensor(self.palora_B[adapter_name])
         preference = self._shared_preference(adapter_name, preference)
         scale = scale_vector(preference, self.r[adapter_name], self.scaling[adapter_name]).to(b.device, b.dtype)
-        return self._delta_from(self.palora_A[adapter_name], b, scale)
+        delta = self._delta_from(a, b, scale)
+        weight = self.get_base_layer().weight
+        if _is_dtensor(weight):
+            from torch.distributed.tensor import distribute_tensor
+
+            delta = distribute_tensor(delta.detach(), weight.device_mesh, weight.placements, src_data_rank=None)
+        return delta
 
     def _delta_from(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The formula of this layer type: the delta for stacked factors ``a``, ``b`` and per-direction ``scale``."""
