@@ -276,9 +276,10 @@ class PaLoRALayer(BaseTunerLayer):
         if rows != scale.shape[0]:
             raise ValueError(
                 f"A per-sample preference has {scale.shape[0]} rows but this {type(self.get_base_layer()).__name__} "
-                f"layer's input (shape {tuple(hidden.shape)}) has "
+                f"layer's input has "
                 + (f"{rows} samples along dimension {self.batch_dim}" if rows is not None else "no batch dimension")
-                + "; give exactly one preference row per sample."
+                + f" (its adapter activations have shape {tuple(hidden.shape)}); give exactly one preference row per "
+                "sample."
             )
         shape = [1] * hidden.dim()
         shape[self.batch_dim] = rows

@@ -290,7 +290,8 @@ class PaLoRAModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        state_dict = {key: value for key, value in state_dict.items() if not _is_wrapped_copy_bias(key)}
+        # Bundles saved before that was fixed hold `<module>.modules_to_save.bias`, a duplicate of `<module>.bias`.
+        state_dict = {key: value for key, value in state_dict.items() if not key.endswith(".modules_to_save.bias")}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         _check_bundle_matches_model(model, config, adapter_name, remapped)
         return remapped
@@ -305,23 +306,27 @@ def _is_list_of_mappings(value: Any) -> bool:
 
 
 def _batch_dim_of(model: nn.Module, key: str) -> int:
-    """Where the samples are in the input of the layer at `key`: dimension 1 below a module with
+    """Where the samples are in the input of the layer at `key`: dimension 1 inside a module built with
     `batch_first=False` (e.g. `nn.TransformerEncoderLayer`, which feeds its linears (seq, batch, features)), else 0.
-    The innermost such module decides."""
+    The innermost such module decides. (`nn.MultiheadAttention` itself reads its projection weights directly, so
+    its `out_proj` cannot be adapted by any layer-wrapping tuner.)"""
     batch_dim, module = 0, model
-    for part in key.split(".")[:-1]:
-        module = getattr(module, part, None)
+    for part in [None, *key.split(".")[:-1]]:  # the model itself first, then each ancestor of the layer
+        module = module if part is None else getattr(module, part, None)
         if module is None:
             break
         batch_first = getattr(module, "batch_first", None)
+        attention = getattr(module, "self_attn", None)
+        if not isinstance(batch_first, bool) and isinstance(attention, nn.MultiheadAttention):
+            batch_first = attention.batch_first  # nn.TransformerEncoderLayer/DecoderLayer keep it there only
         if isinstance(batch_first, bool):
             batch_dim = 0 if batch_first else 1
     return batch_dim
 
 
 def _generation_expansion(model: nn.Module, kwargs: Mapping[str, Any]) -> int:
-    """How many rows `generate` makes of each sample: num_beams x num_return_sequences, from the call's arguments,
-    its `generation_config`, or the model's."""
+    """How many rows `generate` makes of each sample: max(num_beams, num_return_sequences), as transformers expands
+    the inputs, from the call's arguments, its `generation_config`, or the model's."""
     configs = [kwargs, kwargs.get("generation_config"), getattr(model, "generation_config", None)]
 
     def first(attribute: str) -> int:
@@ -331,7 +336,7 @@ def _generation_expansion(model: nn.Module, kwargs: Mapping[str, Any]) -> int:
                 return int(value)
         return 1
 
-    return max(1, first("num_beams")) * max(1, first("num_return_sequences"))
+    return max(1, first("num_beams"), first("num_return_sequences"))
 
 
 def _base_weight_keys(model: nn.Module, adapter_name: str, state_dict: Mapping[str, Any]) -> list[str]:
