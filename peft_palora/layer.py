@@ -197,7 +197,16 @@ class PaLoRALayer(BaseTunerLayer):
         return delta
 
     def _delta_from(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The formula of this layer type: the delta for stacked factors ``a``, ``b`` and per-direction ``scale``."""
+        """The delta for stacked factors ``a``, ``b`` and per-direction ``scale``, in the base weight's layout."""
+        zeros = torch.zeros(self.get_base_layer().weight.shape, dtype=b.dtype, device=b.device)
+        return self._add_delta(zeros, a, b, scale)
+
+    def _add_delta(
+        self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, alpha: float = 1.0
+    ) -> torch.Tensor:
+        """The formula of this layer type: ``out += alpha * delta`` in place (one fused multiply-add, no temporary
+        of the weight's size), returning ``out``. Differentiable, so the folded convolution builds its kernel with it.
+        """
         raise NotImplementedError
 
     @staticmethod
@@ -215,28 +224,36 @@ class PaLoRALayer(BaseTunerLayer):
         preferences = {name: self._shared_preference(name, None) for name in adapter_names}  # raises before writing
         weight = self.get_base_layer().weight
         for name, preference in preferences.items():
-            delta = self.get_delta_weight(name, preference).to(weight.dtype)
             with torch.no_grad():
-                if safe_merge:
-                    merged = weight.data + delta
+                if safe_merge:  # checks the sum before writing: needs it in full, once
+                    merged = weight.data + self.get_delta_weight(name, preference).to(weight.dtype)
                     if not torch.isfinite(merged).all():
                         raise ValueError(f"NaNs or infs detected when merging adapter '{name}'; nothing was merged.")
                     weight.data.copy_(merged)
                     del merged
                 else:
-                    weight.data.add_(delta)
-            del delta
+                    self._add_delta_to_weight(name, preference, alpha=1.0)
             self.merged_preferences[name] = _frozen_copy(preference)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Subtract the merged deltas again (to within float rounding)."""
-        weight = self.get_base_layer().weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             preference = self.merged_preferences.pop(name)
             with torch.no_grad():
-                weight.data.sub_(self.get_delta_weight(name, preference).to(weight.dtype))
+                self._add_delta_to_weight(name, preference, alpha=-1.0)
+
+    def _add_delta_to_weight(self, adapter_name: str, preference: torch.Tensor, alpha: float) -> None:
+        """``W += alpha * delta(preference)``: in place when the weight is a plain tensor of the adapters' dtype,
+        else through ``get_delta_weight`` (sharded weights, another dtype: built, cast, added, freed)."""
+        weight = self.get_base_layer().weight
+        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
+        if _is_dtensor(weight) or _is_dtensor(a) or weight.dtype != b.dtype or weight.device != b.device:
+            weight.data.add_(self.get_delta_weight(adapter_name, preference).to(weight.dtype), alpha=alpha)
+            return
+        scale = scale_vector(preference, self.r[adapter_name], self.scaling[adapter_name]).to(b.device, b.dtype)
+        self._add_delta(weight.data, a, b, scale, alpha=alpha)
 
     def remerge(self) -> None:
         """Move the merged adapters to the preference now in force: subtract the old delta, add the new one."""
@@ -343,9 +360,10 @@ class Linear(_PaLoRAModule):
     def _adapter_shapes(self, total_rank):
         return (total_rank, self.in_features), (self.out_features, total_rank)
 
-    def _delta_from(self, a, b, scale):
-        delta = self._scaled_b(b, scale) @ a
-        return delta.T if self.fan_in_fan_out else delta
+    def _add_delta(self, out, a, b, scale, alpha=1.0):
+        # (out, in) += B_s @ A; a Conv1D weight is stored (in, out): its transpose is the (out, in) view
+        (out.T if self.fan_in_fan_out else out).addmm_(self._scaled_b(b, scale), a, alpha=alpha)
+        return out
 
     def _adapter_output(self, adapter_name, x, scale):
         a = self.palora_A[adapter_name]
@@ -382,8 +400,9 @@ class Embedding(_PaLoRAModule):
                 nn.init.normal_(a)
                 nn.init.normal_(b, std=0.1)
 
-    def _delta_from(self, a, b, scale):
-        return (self._scaled_b(b, scale) @ a).T
+    def _add_delta(self, out, a, b, scale, alpha=1.0):
+        out.T.addmm_(self._scaled_b(b, scale), a, alpha=alpha)  # the table is (num_embeddings, dim): delta transposed
+        return out
 
     def _adapter_output(self, adapter_name, x, scale):
         base = self.get_base_layer()
@@ -415,12 +434,14 @@ class ConvNd(_PaLoRAModule):
         b_shape = (self.out_features, total_rank) + (1,) * self._spatial_dims
         return a_shape, b_shape
 
-    def _delta_from(self, a, b, scale):
+    def _add_delta(self, out, a, b, scale, alpha=1.0):
         g, total_rank = self.groups, b.shape[1]
         b_scaled = self._scaled_b(b, scale).reshape(g, self.out_features // g, total_rank)
         a_grouped = a.reshape(g, total_rank, -1)
-        delta = torch.bmm(b_scaled, a_grouped)  # (g, out/g, in/g * prod(kernel))
-        return delta.reshape(self.get_base_layer().weight.shape)
+        if not out.is_contiguous():  # e.g. a channels_last kernel: no grouped view of it
+            return out.add_(torch.bmm(b_scaled, a_grouped).reshape(out.shape), alpha=alpha)
+        out.view(g, self.out_features // g, -1).baddbmm_(b_scaled, a_grouped, alpha=alpha)  # per group B_g @ A_g
+        return out
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if x.dim() == self._spatial_dims + 1:  # an unbatched input, which nn.Conv accepts: run it as a batch of one
@@ -440,9 +461,10 @@ class ConvNd(_PaLoRAModule):
         scale_list = [scales[name] for name in names]
 
         def summed_kernel(weight: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+            kernel = weight.clone()
             for i, scale in enumerate(scale_list):
-                weight = weight + self._delta_from(factors[2 * i], factors[2 * i + 1], scale)
-            return weight
+                kernel = self._add_delta(kernel, factors[2 * i], factors[2 * i + 1], scale)
+            return kernel
 
         training = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         if training and x.dtype == base.weight.dtype and not torch.is_autocast_enabled(x.device.type):

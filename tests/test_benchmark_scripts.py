@@ -17,6 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     [
         ("bench_conv.py", ["--batch_size", "2", "--image_size", "32", "--repeats", "1", "--threads", "1"]),
         ("bench_tuner.py", ["--batch_size", "1", "--seq_len", "8", "--repeats", "1", "--threads", "1"]),
+        ("bench_merge.py", ["--quick"]),
     ],
 )
 def test_benchmark_script_prints_its_ratios(script, args):
