@@ -85,31 +85,92 @@ def _format_values(values: torch.Tensor) -> str:
     return text
 
 
-def _leaf_to_float(value, name: str) -> float:
+class _Given:
+    """What the walk over a user's preference found besides the values: the coarsest float resolution among the
+    inputs (``eps`` of their dtype, 0 for exact ones: ints and Python floats count as float64) and whether a
+    tensor in it requires grad."""
+
+    def __init__(self) -> None:
+        self.resolution = 0.0
+        self.requires_grad = False
+
+    def saw(self, eps: float) -> None:
+        self.resolution = max(self.resolution, eps)
+
+
+def _leaf_to_float(value, name: str, given: _Given | None = None) -> float:
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must contain numbers, got the string {value!r}.")
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must contain numbers, got the bool {value!r}; write 0.0 or 1.0 instead.")
+    if isinstance(value, np.generic):  # numpy scalars (np.float16(0.3), np.int64(1), ...): as in an array
+        if value.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must contain real numbers, got a numpy {value.dtype} ({value!r}).")
+        if given is not None:
+            given.saw(_numpy_resolution(value.dtype))
+        return float(value)
     if isinstance(value, numbers.Real):
         return float(value)
     raise TypeError(f"{name} must contain numbers, got {type(value).__name__} ({value!r}).")
 
 
-def _nested_to_floats(value, name: str):
+def _nested_to_floats(value, name: str, given: _Given | None = None):
     """Walk nested lists/tuples (and the arrays inside them) and return the same nesting of python floats.
 
     ``np.asarray`` alone would quietly turn ``True`` into ``1.0`` and ``"0.5"`` into an error only sometimes, so
-    every leaf is checked explicitly.
+    every leaf is checked explicitly. ``given`` collects the inputs' resolution and whether any requires grad.
     """
     if isinstance(value, torch.Tensor):
-        _check_tensor_dtype(value.dtype, name)
+        _check_tensor(value, name)
+        if given is not None:
+            given.saw(_tensor_resolution(value.dtype))
+            given.requires_grad |= value.requires_grad
         return value.detach().cpu().to(torch.float64).tolist()
     if isinstance(value, np.ndarray):
         _check_numpy_dtype(value.dtype, name)
+        if given is not None:
+            given.saw(_numpy_resolution(value.dtype))
         return value.astype(np.float64).tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        return _leaf_to_float(value, name)
-    return [_nested_to_floats(item, name) for item in value]
+        return _leaf_to_float(value, name, given)
+    return [_nested_to_floats(item, name, given) for item in value]
+
+
+def _stack_keeping_graph(value, device: torch.device) -> torch.Tensor:
+    """The float32 tensor of a nested sequence whose leaves passed :func:`_nested_to_floats`, built with
+    differentiable operations so that gradients reach the tensors in it."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.astype(np.float32)).to(device)
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return torch.stack([_stack_keeping_graph(item, device) for item in value])
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
+def _first_tensor_requiring_grad(value) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value if value.requires_grad else None
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        for item in value:
+            found = _first_tensor_requiring_grad(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _tensor_resolution(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+
+
+def _numpy_resolution(dtype: np.dtype) -> float:
+    return float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
+
+
+def _check_tensor(value: torch.Tensor, name: str) -> None:
+    _check_tensor_dtype(value.dtype, name)
+    if value.is_meta:
+        raise ValueError(f"{name} is a meta tensor, which holds no values; give a tensor with data.")
 
 
 def _check_tensor_dtype(dtype: torch.dtype, name: str) -> None:
@@ -117,6 +178,12 @@ def _check_tensor_dtype(dtype: torch.dtype, name: str) -> None:
         raise TypeError(f"{name} must hold numbers, got a bool tensor; convert it with .float() if you mean 0/1.")
     if dtype.is_complex:
         raise TypeError(f"{name} must hold real numbers, got a tensor of dtype {dtype}.")
+    if dtype.is_floating_point and dtype.itemsize < 2:
+        # float8 cannot hold 0.3 closer than 0.3125: a sum check at that resolution would accept nearly anything
+        raise TypeError(
+            f"{name} has dtype {dtype}, too coarse for a preference (its rounding alone moves the sum by up to "
+            f"{torch.finfo(dtype).eps:g}); give float16, bfloat16 or wider."
+        )
 
 
 def _check_numpy_dtype(dtype: np.dtype, name: str) -> None:
@@ -126,7 +193,8 @@ def _check_numpy_dtype(dtype: np.dtype, name: str) -> None:
         raise TypeError(f"{name} must hold real numbers, got a numpy array of dtype {dtype}.")
 
 
-def _from_mapping(pref: Mapping, num_tasks: int, task_names: Sequence[str] | None, name: str) -> torch.Tensor:
+def _from_mapping(pref: Mapping, num_tasks: int, task_names: Sequence[str] | None, name: str, given: _Given) -> list:
+    """The weights of a ``{task: weight}`` dict in task order, each a number or a 0-d tensor (kept for its graph)."""
     if task_names is None:
         raise ValueError(
             f"{name} was given as a dict, which needs task names to order its entries; this model has none. "
@@ -142,13 +210,29 @@ def _from_mapping(pref: Mapping, num_tasks: int, task_names: Sequence[str] | Non
             f"{name} must give a weight for every task; missing {missing} (known task names: {known}). "
             "Give 0.0 for tasks you want to ignore."
         )
-    values = []
+    weights = []
     for task in known:
-        weight = pref[task]
-        if isinstance(weight, (torch.Tensor, np.ndarray)) and weight.ndim == 0:
-            weight = weight.item()
-        values.append(_leaf_to_float(weight, f"{name}[{task!r}]"))
-    return torch.tensor(values, dtype=torch.float32)
+        weight, weight_name = pref[task], f"{name}[{task!r}]"
+        if isinstance(weight, torch.Tensor) and weight.ndim == 0:
+            _nested_to_floats(weight, weight_name, given)  # checks the dtype, notes resolution and grad
+        elif isinstance(weight, np.ndarray) and weight.ndim == 0:
+            _check_numpy_dtype(weight.dtype, weight_name)
+            weight = weight[()]
+            _leaf_to_float(weight, weight_name, given)
+        else:
+            _leaf_to_float(weight, weight_name, given)
+        weights.append(weight)
+    return weights
+
+
+def _sum_tolerance(resolution: float) -> float:
+    """How far from 1 a row may sum: ``SUM_TOLERANCE``, or ``eps`` of the coarsest float dtype given if larger.
+
+    Rounding each entry ``λ_t`` of an exact preference to a float dtype moves it by at most ``eps/2 * λ_t``
+    (half a unit in the last place), so it moves the sum by at most ``eps/2 * Σ λ_t = eps/2``, however many tasks
+    there are; ``eps`` leaves room for one more rounding (e.g. ``1 - p`` computed in that dtype) and subnormals.
+    """
+    return max(SUM_TOLERANCE, resolution)
 
 
 def validate_preference(
@@ -162,12 +246,21 @@ def validate_preference(
 
     Accepted forms: a sequence, numpy array or tensor of shape ``(T,)`` (one preference for the whole batch) or
     ``(B, T)`` (one per sample), or a dict ``{task_name: weight}`` naming every task (needs ``task_names``).
-    Tensors of any real dtype are converted to float32 and stay on their device (and in the autograd graph); the
-    result never aliases the input, so later in-place edits of the input cannot change a stored preference.
+    Sequences and dicts may hold Python numbers, numpy scalars (``np.float16(0.3)``) and 0-d tensors, checked
+    exactly like an array or tensor of the same dtype. Tensors of any real dtype (float8 excepted: too coarse) are
+    converted to float32 and stay on their device; the result never aliases the input, so later in-place edits of
+    the input cannot change a stored preference.
 
-    Every row must be finite, non-negative and sum to 1 within ``1e-4`` (or, for float16/bfloat16 inputs, within
-    the rounding error of that dtype). Nothing is renormalised: a preference that does not sum to 1 is almost
-    always a bug (e.g. raw loss weights), and rescaling it silently would change the trade-off the user asked for.
+    Gradients: when a tensor in ``pref`` requires grad, the result is computed from it with differentiable
+    operations (a dtype cast, ``torch.stack`` for sequences and dicts of 0-d tensors), so it stays in the autograd
+    graph and ``backward`` reaches the input: a preference can be optimised (e.g. to search a trade-off).
+
+    Every row must be finite, non-negative and sum to 1. The sum is computed in float64 from the values as given
+    and must be within ``1e-4`` of 1, or within ``eps`` of the coarsest float dtype among the inputs when that is
+    larger (float16: ``2**-10``, bfloat16: ``2**-7``): rounding a valid preference to that dtype moves its sum by
+    at most ``eps/2``, whatever the number of tasks. Nothing is renormalised: a preference that does not sum to 1 is
+    almost always a bug (e.g. raw loss weights), and rescaling it silently would change the trade-off the user asked
+    for.
 
     Args:
         pref: the preference.
@@ -177,7 +270,7 @@ def validate_preference(
         name: what to call the argument in error messages.
 
     Raises:
-        TypeError: for strings, bools, complex numbers or objects that are not numbers.
+        TypeError: for strings, bools, complex numbers, float8 tensors or objects that are not numbers.
         ValueError: for a wrong shape, batch size, unknown/missing task names, NaN/inf, negative entries, or rows
             that do not sum to 1.
     """
@@ -185,33 +278,34 @@ def validate_preference(
     if batch_size is not None:
         batch_size = check_int(batch_size, "batch_size", minimum=1)
 
-    tolerance = SUM_TOLERANCE
+    given = _Given()
     if isinstance(pref, Mapping):
-        values = _from_mapping(pref, num_tasks, task_names, name)
-    elif isinstance(pref, torch.Tensor):
-        _check_tensor_dtype(pref.dtype, name)
-        if pref.is_meta:
-            raise ValueError(f"{name} is a meta tensor, which holds no values; give a tensor with data.")
-        if pref.dtype.is_floating_point:
-            # A float16 weight like 0.3 is stored as 0.2998..., so the sum check must allow for that rounding.
-            tolerance = max(SUM_TOLERANCE, num_tasks * torch.finfo(pref.dtype).eps)
+        pref = _from_mapping(pref, num_tasks, task_names, name, given)
+    if isinstance(pref, torch.Tensor):
+        _check_tensor(pref, name)
+        given.saw(_tensor_resolution(pref.dtype))
+        exact = pref.detach().cpu().to(torch.float64)  # checked on the CPU: float64 exists on every device there
         values = pref.to(dtype=torch.float32, copy=True)
     elif isinstance(pref, (str, bytes)):
         raise TypeError(f"{name} must be a sequence of {num_tasks} numbers, got the string {pref!r}.")
     elif isinstance(pref, np.ndarray):
         _check_numpy_dtype(pref.dtype, name)
-        if pref.dtype == np.float16:
-            tolerance = max(SUM_TOLERANCE, num_tasks * float(np.finfo(np.float16).eps))
-        values = torch.tensor(pref.astype(np.float32))
+        given.saw(_numpy_resolution(pref.dtype))
+        exact = torch.from_numpy(pref.astype(np.float64, copy=True))
+        values = exact.to(torch.float32)
     elif isinstance(pref, Sequence):
-        nested = _nested_to_floats(pref, name)
+        nested = _nested_to_floats(pref, name, given)
         try:
             array = np.asarray(nested, dtype=np.float64)
         except ValueError:
             raise ValueError(
                 f"{name} must have shape (T,) or (batch, T) with T={num_tasks}; got ragged nested sequences."
             ) from None
-        values = torch.tensor(array, dtype=torch.float32)
+        exact = torch.from_numpy(array)
+        values = exact.to(torch.float32)
+        if given.requires_grad:
+            source = _first_tensor_requiring_grad(pref)
+            values = _stack_keeping_graph(pref, source.device)
     else:
         raise TypeError(
             f"{name} must be a sequence, numpy array, tensor or dict of task weights, got {type(pref).__name__}."
@@ -235,14 +329,15 @@ def validate_preference(
                 "per sample, or a single (T,) preference for the whole batch."
             )
 
-    checked = values.detach()
-    rows = checked.reshape(-1, num_tasks)
-    finite = torch.isfinite(rows).all(dim=1)
+    rows = exact.reshape(-1, num_tasks)
+    # a float64 value beyond float32's range is finite as given but not as stored
+    finite = torch.isfinite(rows).all(dim=1) & torch.isfinite(values.detach().cpu().reshape(-1, num_tasks)).all(dim=1)
     if not bool(finite.all()):
         raise ValueError(f"{name} must be finite, got {_format_values(rows[~finite])}.")
     negative = (rows < 0).any(dim=1)
     if bool(negative.any()):
         raise ValueError(f"{name} must be non-negative, got {_format_values(rows[negative])}.")
+    tolerance = _sum_tolerance(given.resolution)
     sums = rows.sum(dim=1)
     off = (sums - 1).abs() > tolerance
     if bool(off.any()):

@@ -100,6 +100,20 @@ BAD_PREFERENCES = [
     bad({"a": True, "b": False}, TypeError, r"preference\['a'\] must contain numbers, got the bool",
         id="dict-bool-weight"),
     bad({"a": 0.6, "b": 0.6}, ValueError, r"must sum to 1", id="dict-sums-to-1.2"),
+    # issue 14, item 9: half-precision sums are held to the dtype's rounding, not T times it; numpy scalars and
+    # 0-d tensors inside sequences and dicts are checked as strictly as arrays and tensors
+    bad(torch.tensor([0.5, 0.5117], dtype=torch.bfloat16), ValueError, r"must sum to 1 \(tolerance 0.0078125\)",
+        id="bfloat16-off-by-1.2e-2"),
+    bad(torch.tensor([0.5, 0.5]).to(torch.float8_e4m3fn), TypeError, r"preference has dtype torch.float8_e4m3fn, too coarse",
+        id="float8-tensor"),
+    bad([np.float16(0.6), np.float16(0.6)], ValueError, r"must sum to 1 \(tolerance 0.000976562\)",
+        id="list-of-np.float16-sums-to-1.2"),
+    bad([np.complex64(0.5), 0.5], TypeError, r"must contain real numbers, got a numpy complex64", id="np.complex-in-list"),
+    bad([torch.tensor(0.5, device="meta"), 0.5], ValueError, r"preference is a meta tensor", id="meta-tensor-in-list"),
+    bad({"a": torch.tensor(0.5, device="meta"), "b": 0.5}, ValueError, r"preference\['a'\] is a meta tensor",
+        id="dict-meta-tensor-weight"),
+    bad({"a": torch.tensor([0.5]), "b": 0.5}, TypeError, r"preference\['a'\] must contain numbers, got Tensor",
+        id="dict-1d-tensor-weight"),
 ]  # fmt: skip
 
 
@@ -164,6 +178,43 @@ def test_other_dtypes_just_work(preference, same_as):
         assert model.get_preference().dtype == torch.float32
         assert torch.equal(model.get_preference(), torch.tensor(same_as))
         assert torch.equal(model(x=X), expected)
+
+
+def test_numpy_scalars_are_checked_like_the_same_array():
+    # float16(0.1) + float16(0.9) is 1.2e-4 short of 1: within float16's rounding, so valid however it is given
+    model = palora_model()
+    as_array = np.array([0.1, 0.9], dtype=np.float16)
+    with torch.no_grad():
+        expected = model(x=X, preference=as_array)
+        for preference in ([np.float16(0.1), np.float16(0.9)], {"a": np.float16(0.1), "b": np.float16(0.9)},
+                           [torch.tensor(0.1, dtype=torch.float16), np.float16(0.9)]):  # fmt: skip
+            assert torch.equal(model(x=X, preference=preference), expected)
+            model.set_preference(preference)
+            assert torch.equal(model.get_preference(), torch.from_numpy(as_array).float())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda leaf: leaf, id="tensor"),
+        pytest.param(lambda leaf: [leaf[0], 1 - leaf[0]], id="list-of-0d-tensors"),
+        pytest.param(lambda leaf: {"a": leaf[0], "b": leaf[1]}, id="dict-of-0d-tensors"),
+        pytest.param(lambda leaf: leaf.unsqueeze(0).expand(2, -1), id="per-sample-rows"),
+    ],
+)
+def test_a_per_call_preference_that_requires_grad_gets_its_gradient(make):
+    # d output / d lambda along the simplex direction (1, -1), against central finite differences
+    model = palora_model().double()
+    leaf = torch.tensor([0.3, 0.7], dtype=torch.float64, requires_grad=True)
+    model(x=X.double(), preference=make(leaf)).sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    step = 1e-3
+    with torch.no_grad():
+        plus = model(x=X.double(), preference=[0.3 + step, 0.7 - step]).sum()
+        minus = model(x=X.double(), preference=[0.3 - step, 0.7 + step]).sum()
+    numerical = (plus - minus) / (2 * step)
+    # the preference is stored in float32, so allow float32 rounding of lambda
+    torch.testing.assert_close(leaf.grad[0] - leaf.grad[1], numerical, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -458,3 +458,174 @@ def test_validate_preference_dict_needs_task_names():
 def test_validate_preference_custom_argument_name():
     with pytest.raises(ValueError, match="^ray must be non-negative"):
         validate_preference([-1.0, 2.0], 2, name="ray")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# validate_preference: the sum tolerance does not grow with T; gradients; numpy scalars (issue 14, item 9)
+# ----------------------------------------------------------------------------------------------------------------------
+HALF_PRECISION = [
+    pytest.param(torch.bfloat16, 2.0**-7, id="bfloat16"),
+    pytest.param(torch.float16, 2.0**-10, id="float16"),
+]
+
+
+def rounded_simplex_points(num_tasks: int, dtype: torch.dtype, count: int, seed: int) -> torch.Tensor:
+    """Exact preferences (Dirichlet, some with tiny entries) rounded to ``dtype``: what a user writing a valid
+    preference in that dtype gives."""
+    rng = np.random.default_rng(seed)
+    points = rng.dirichlet(np.full(num_tasks, 0.3), size=count)
+    points[: count // 4, : num_tasks - 1] = 1e-6  # entries below float16's smallest normal number
+    points /= points.sum(axis=1, keepdims=True)
+    return torch.from_numpy(points).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, eps", HALF_PRECISION)
+@pytest.mark.parametrize("num_tasks", [2, 5, 20, 100])
+def test_half_precision_tolerance_does_not_grow_with_the_number_of_tasks(dtype, eps, num_tasks):
+    # every valid preference rounded to the dtype is accepted, at any T ...
+    for row in rounded_simplex_points(num_tasks, dtype, 64, seed=num_tasks):
+        assert abs(row.double().sum().item() - 1) <= eps / 2 + num_tasks * 2.0**-25  # the bound the tolerance uses
+        validate_preference(row, num_tasks)
+    # ... and the same rows pushed off the simplex by 3 eps (computed in float64 from the stored values) are refused
+    for row in rounded_simplex_points(num_tasks, dtype, 16, seed=1000 + num_tasks):
+        top = int(row.argmax())
+        off = row.clone()
+        off[top] = (row[top].double() + 3 * eps).to(dtype)
+        assert off.double().sum().item() - 1 > eps
+        with pytest.raises(ValueError, match=rf"must sum to 1 \(tolerance {eps:g}\)"):
+            validate_preference(off, num_tasks)
+
+
+@pytest.mark.parametrize("num_tasks", [2, 20, 100])
+def test_a_bfloat16_preference_summing_to_1_15_is_refused_at_any_number_of_tasks(num_tasks):
+    pref = torch.full((num_tasks,), 1.15 / num_tasks, dtype=torch.bfloat16)
+    assert abs(pref.double().sum().item() - 1.15) < 0.01
+    with pytest.raises(ValueError, match=r"must sum to 1 \(tolerance 0.0078125\)"):
+        validate_preference(pref, num_tasks)
+    with pytest.raises(ValueError, match=r"tolerance 0.0078125"):
+        validate_preference(pref.unsqueeze(0).expand(3, -1), num_tasks)  # per-sample rows too
+
+
+def test_the_sum_is_checked_in_float64_from_the_values_as_given():
+    # Both rows have the same float32 copy, so a check on the float32 result must get one of them wrong.
+    inside = torch.tensor([0.5, 0.5 + 1e-4 - 1e-10], dtype=torch.float64)
+    outside = torch.tensor([0.5, 0.5 + 1e-4 + 1e-10], dtype=torch.float64)
+    assert torch.equal(inside.float(), outside.float())
+    validate_preference(inside, 2)
+    with pytest.raises(ValueError, match=r"tolerance 0.0001"):
+        validate_preference(outside, 2)
+    with pytest.raises(ValueError, match=r"tolerance 0.0001"):
+        validate_preference(outside.tolist(), 2)  # the same as Python floats
+    validate_preference(torch.full((1000,), 1e-3, dtype=torch.float64), 1000)  # many small entries: no drift
+
+
+def test_float8_preferences_are_refused_as_too_coarse():
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8")
+    pref = torch.tensor([0.5, 0.5]).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"preference has dtype torch.float8_e4m3fn, too coarse for a preference"):
+        validate_preference(pref, 2)
+    with pytest.raises(TypeError, match=r"too coarse"):
+        validate_preference([pref[0], pref[1]], 2)  # inside a list too
+
+
+NUMPY_SCALAR_FORMS = [
+    pytest.param(lambda v: [np.float16(x) for x in v], id="list-of-np.float16"),
+    pytest.param(lambda v: tuple(np.float16(x) for x in v), id="tuple-of-np.float16"),
+    pytest.param(lambda v: [torch.tensor(x, dtype=torch.float16) for x in v], id="list-of-0d-float16-tensors"),
+    pytest.param(lambda v: {name: np.float16(x) for name, x in zip("abc", v)}, id="dict-of-np.float16"),
+    pytest.param(lambda v: {name: np.array(x, dtype=np.float16) for name, x in zip("abc", v)}, id="dict-of-0d-arrays"),
+    pytest.param(lambda v: [[np.float16(x) for x in v]], id="batch-of-np.float16"),
+]
+
+
+@pytest.mark.parametrize("form", NUMPY_SCALAR_FORMS)
+def test_numpy_scalars_are_checked_like_the_array_of_the_same_dtype(form):
+    # In float16, 0.1 + 0.2 + 0.7 is off from 1 by more than 1e-4: valid as a float16 array, so valid in any form.
+    values = [0.1, 0.2, 0.7]
+    as_array = validate_preference(np.array(values, dtype=np.float16), 3)
+    out = validate_preference(form(values), 3, task_names=["a", "b", "c"])
+    assert torch.equal(out.reshape(-1), as_array)
+    # and a float16 sum off by more than float16's rounding is refused in every form, as for the array
+    bad = [0.1, 0.2, 0.71]
+    with pytest.raises(ValueError, match=r"must sum to 1 \(tolerance 0.000976562\)"):
+        validate_preference(np.array(bad, dtype=np.float16), 3)
+    with pytest.raises(ValueError, match=r"must sum to 1 \(tolerance 0.000976562\)"):
+        validate_preference(form(bad), 3, task_names=["a", "b", "c"])
+
+
+@pytest.mark.parametrize(
+    "pref, error, match",
+    [
+        pytest.param([np.complex64(0.5), 0.5], TypeError, r"must contain real numbers, got a numpy complex64",
+                     id="np.complex-scalar"),
+        pytest.param([np.bool_(True), 0.0], TypeError, r"got the bool", id="np.bool-scalar"),
+        pytest.param([np.str_("0.5"), 0.5], TypeError, r"got the string", id="np.str-scalar"),
+        pytest.param([np.datetime64(1, "D"), 0.5], TypeError, r"must contain real numbers, got a numpy datetime64",
+                     id="np.datetime64-scalar"),
+        pytest.param({"a": np.array([0.5]), "b": 0.5}, TypeError, r"preference\['a'\] must contain numbers, got ndarray",
+                     id="dict-1d-array-weight"),
+        pytest.param({"a": torch.tensor([0.5]), "b": 0.5}, TypeError, r"preference\['a'\] must contain numbers, got Tensor",
+                     id="dict-1d-tensor-weight"),
+        pytest.param({"a": torch.tensor(0.5, dtype=torch.complex64), "b": 0.5}, TypeError, r"real numbers",
+                     id="dict-complex-tensor-weight"),
+        pytest.param({"a": torch.tensor(0.5, device="meta"), "b": 0.5}, ValueError, r"preference\['a'\] is a meta tensor",
+                     id="dict-meta-tensor-weight"),
+        pytest.param([torch.tensor(0.5, device="meta"), 0.5], ValueError, r"meta tensor", id="list-of-meta-tensors"),
+        pytest.param([np.float16(0.6), np.float16(0.6)], ValueError, r"must sum to 1 \(tolerance 0.000976562\)",
+                     id="np.float16-list-off"),
+        pytest.param([np.float16(np.inf), 0.0], ValueError, r"must be finite", id="np.float16-inf"),
+        pytest.param([np.float16(-0.5), np.float16(1.5)], ValueError, r"non-negative", id="np.float16-negative"),
+        pytest.param(torch.tensor([0.5, 0.5117], dtype=torch.bfloat16), ValueError, r"tolerance 0.0078125",
+                     id="bfloat16-off-by-1.2e-2-at-T=2"),
+        pytest.param(torch.tensor([1e300, 0.0], dtype=torch.float64), ValueError, r"finite|sum to 1",
+                     id="float64-beyond-float32"),
+    ],
+)  # fmt: skip
+def test_validate_preference_rejects_bad_scalars_and_dtypes(pref, error, match):
+    with pytest.raises(error, match=match):
+        validate_preference(pref, 2, task_names=["a", "b"])
+
+
+# (the preference built from a float64 leaf, the same values built with plain torch operations)
+GRADIENT_FORMS = [
+    pytest.param(lambda leaf: leaf, lambda leaf: leaf, id="tensor"),
+    pytest.param(lambda leaf: leaf.to(torch.bfloat16), lambda leaf: leaf.to(torch.bfloat16), id="bfloat16-tensor"),
+    pytest.param(lambda leaf: leaf.unsqueeze(0).expand(3, -1), lambda leaf: leaf.repeat(3, 1), id="batch-tensor"),
+    pytest.param(lambda leaf: [leaf[0], leaf[1]], lambda leaf: leaf, id="list-of-0d-tensors"),
+    pytest.param(lambda leaf: [leaf[0], 1 - leaf[0]], lambda leaf: torch.stack([leaf[0], 1 - leaf[0]]),
+                 id="list-tensor-and-expression"),
+    pytest.param(lambda leaf: [[leaf[0], 0.75], leaf],
+                 lambda leaf: torch.stack([torch.stack([leaf[0], torch.tensor(0.75, dtype=torch.float64)]), leaf]),
+                 id="batch-mixing-numbers-and-tensors"),
+    pytest.param(lambda leaf: {"b": leaf[1], "a": leaf[0]}, lambda leaf: leaf, id="dict-of-0d-tensors"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make, same_values", GRADIENT_FORMS)
+def test_a_preference_that_requires_grad_stays_in_the_graph(make, same_values):
+    leaf = torch.tensor([0.25, 0.75], dtype=torch.float64, requires_grad=True)
+    out = validate_preference(make(leaf), 2, task_names=["a", "b"])
+    assert out.dtype == torch.float32 and out.requires_grad and out.grad_fn is not None
+    weights = torch.arange(1.0, out.numel() + 1).reshape(out.shape)
+    (out * weights).sum().backward()
+    # independent computation: the same values built with plain torch operations, differentiated by autograd
+    reference_leaf = leaf.detach().clone().requires_grad_(True)
+    reference = same_values(reference_leaf).to(torch.float32)
+    torch.testing.assert_close(out.detach(), reference.detach(), rtol=0, atol=0)
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(leaf.grad, reference_leaf.grad)
+    assert leaf.grad.abs().sum() > 0
+
+
+def test_a_preference_without_grad_has_no_graph_and_never_aliases():
+    for pref in ([torch.tensor(0.25), torch.tensor(0.75)], {"a": torch.tensor(0.25), "b": torch.tensor(0.75)}):
+        out = validate_preference(pref, 2, task_names=["a", "b"])
+        assert not out.requires_grad and out.grad_fn is None
+    leaf = torch.tensor([0.25, 0.75], requires_grad=True)
+    with torch.no_grad():
+        assert not validate_preference(leaf, 2).requires_grad
+    out = validate_preference(leaf, 2)
+    assert out.data_ptr() != leaf.data_ptr()
+    with pytest.raises(ValueError, match="must sum to 1"):  # a graph is no excuse for an invalid preference
+        validate_preference(leaf * 2, 2)
