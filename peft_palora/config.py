@@ -38,6 +38,9 @@ class PaLoRAConfig(PeftConfig):
         alpha_pattern (`dict[str, float]`): Per-layer `palora_alpha` overriding the default, matched the same way.
         init_weights (`bool`): True starts every `B_t` at zero so the wrapped model equals the base model at any
             preference. False initialises `B_t` randomly too (useful for tests).
+        conv_layout (`str`): `"peft"` (default): a convolution adapter is a k x k convolution to T*r channels followed
+            by a 1x1 convolution, as in PEFT's LoRA (kernel delta of rank <= r per task). `"paper"`: the paper's form,
+            `B (out*k, r*k) @ A (r*k, in*k)` reshaped into the kernel (each task owns r*k directions).
         default_preference (`list[float]`, *optional*): The `(T,)` preference a new or reloaded model starts at
             (uniform when None). `set_preference` with a `(T,)` preference records it here, so the trade-off chosen
             for deployment is saved with the bundle.
@@ -86,6 +89,13 @@ class PaLoRAConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "Start every B_t at zero so the adapted model equals the base model."}
     )
+    conv_layout: Literal["peft", "paper"] = field(
+        default="peft",
+        metadata={
+            "help": "Convolution adapters: 'peft' (a k x k convolution to T*r channels, then 1x1, as PEFT's LoRA) or "
+            "'paper' (the paper's form: B (out*k, r*k) @ A (r*k, in*k) reshaped into the kernel)."
+        },
+    )
     default_preference: list[float] | None = field(
         default=None,
         metadata={
@@ -113,6 +123,8 @@ class PaLoRAConfig(PeftConfig):
             names_ok = isinstance(value, (list, tuple, set)) and all(isinstance(item, str) for item in value)
             if value is not None and not isinstance(value, str) and not names_ok:
                 raise TypeError(f"`{name}` must be a regex string, a list of module names or None, got {value!r}.")
+        if self.conv_layout not in ("peft", "paper"):
+            raise ValueError(f"`conv_layout` must be 'peft' or 'paper', got {self.conv_layout!r}.")
         if self.bias not in _BIAS_OPTIONS:
             raise ValueError(f"`bias` must be one of {_BIAS_OPTIONS}, got {self.bias!r}.")
         if isinstance(self.target_modules, list):

@@ -11,8 +11,14 @@ This module replaces that path for PaLoRA models:
 * `build_model_card` writes a card for a PaLoRA adapter: `library_name: peft`, tags `peft` and `palora`, the base
   model, the pipeline tag when the PEFT task type tells it, the task names, what a preference means, a usage snippet,
   the adapter configuration and, when a Pareto front was evaluated, its table, hypervolume and plot.
+* `write_model_card` writes that card (and the plot) into a local bundle folder as its `README.md`.
 * `push_palora_to_hub` saves the adapter, writes that card (and the plot) next to it and publishes everything in a
   single commit, so a reader of the repository never sees new weights with an old card or the reverse.
+
+Whatever the user chose (task names, base model id, module names, front table headers) is escaped before it reaches
+the card: it reads as plain text and cannot add headings, code spans, links or HTML. The metadata block is written
+by a YAML serialiser (strings with line breaks or HTML characters double-quoted, with escapes), never by formatting
+strings, so it parses back to exactly the values given.
 * `install_push_to_hub_hook` routes `PeftModel.push_to_hub` to `push_palora_to_hub` for PaLoRA models and leaves
   every other PEFT model on the original method.
 
@@ -28,6 +34,7 @@ import json
 import math
 import numbers
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -131,6 +138,134 @@ def _task_names(config: Any) -> list[str]:
     return [f"task_{index}" for index in range(int(config.num_tasks))]
 
 
+# ---------------------------------------------------------------------------------------------------- escaping
+# Everything a user chose (task names, the base model id, module names, table headers and cells, the repo id) is
+# escaped before it reaches the card, so that it reads as the text it is: never a heading, a code span, emphasis,
+# a link, an autolink or raw HTML. Line breaks (any Unicode line break and the other control characters) become
+# spaces, since a line break is what would start a heading, a list or a table row; HTML's special characters become
+# entities; the characters Markdown (CommonMark and GitHub's extensions) gives a meaning inside a line are escaped
+# with a backslash where they could take it. Plain names (`query`, `lambda_0`, `conv[13]d`) come out unchanged.
+_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_ALWAYS_ESCAPED = frozenset("\\`*~|$#@")
+_HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def _one_line(text: Any) -> str:
+    return _BREAKS.sub(" ", str(text))
+
+
+def _escape_markdown(text: Any) -> str:
+    """`text` as inert Markdown: it renders as itself, on one line, and adds no structure to the card."""
+    text = _one_line(text)
+    out = []
+    last = len(text) - 1
+    for index, char in enumerate(text):
+        before = text[index - 1] if index > 0 else ""
+        after = text[index + 1] if index < last else ""
+        if char in _HTML_ENTITIES:
+            out.append(_HTML_ENTITIES[char])
+        elif char in _ALWAYS_ESCAPED:
+            out.append("\\" + char)
+        elif char == "_" and not (before.isalnum() and after.isalnum()):
+            out.append("\\_")  # an underscore between letters or digits (`task_0`) cannot emphasise
+        elif char == "]" and (after in "([:" or index == last):
+            out.append("\\]")  # `](`, `][` or `]:` would make a link or a reference
+        elif char == "!" and after == "[":
+            out.append("\\!")  # an image
+        elif char == ":" and after == "/":
+            out.append("\\:")  # `scheme://`: an autolink
+        elif char == "." and before.isalnum() and after.isascii() and after.isalpha():
+            out.append("\\.")  # `www.example.org`, `example.org`: linkified domain names
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _inline_code(text: Any) -> str:
+    """`text` in a code span when it can be one safely (no backtick, line break or HTML character), else escaped."""
+    text = str(text)
+    if text.strip() and not _BREAKS.search(text) and not set(text) & {"`", "<", ">", "&"}:
+        return f"`{text}`"
+    return _escape_markdown(text)
+
+
+def _python_literal(text: Any) -> str:
+    """A double-quoted Python string literal equal to `text`, printable on one line of a fenced code block.
+
+    Quotes, backslashes, control characters, line breaks, backticks and HTML's special characters are written as
+    escapes, so the snippet stays valid Python (`ast.literal_eval` gives `text` back) and adds nothing to the card.
+    """
+    out = ['"']
+    for char in str(text):
+        code = ord(char)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[char])
+        elif char in "`<>&" or code < 0x20 or not char.isprintable():
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
+
+
+# Metadata goes through YAML serialisation only (never string formatting). On top of what `yaml.dump` does, strings
+# holding a line break, a control character or one of `<`, `>`, `&` are written double-quoted with those characters
+# as escapes (`"\x3cscript\x3e"` is `<script>` to any YAML parser), so the front matter carries no raw HTML either.
+_YAML_ESCAPES = {"<": "\\x3c", ">": "\\x3e", "&": "\\x26"}
+
+
+def _yaml_dumper() -> type:
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:  # no `&id001` anchors: every value is written out
+            return True
+
+    def represent_str(dumper: Any, value: str) -> Any:
+        quoted = _BREAKS.search(value) or set(value) & set(_YAML_ESCAPES)
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if quoted else None)
+
+    Dumper.add_representer(str, represent_str)
+    return Dumper
+
+
+def _metadata_yaml(metadata: Mapping[str, Any], line_break: str | None = None) -> str:
+    import yaml
+
+    text = yaml.dump(
+        dict(metadata), Dumper=_yaml_dumper(), sort_keys=False, allow_unicode=True, line_break=line_break
+    ).strip()
+    # Every `<`, `>` and `&` left is inside a double-quoted scalar (strings holding one are double-quoted, there are
+    # no anchors and no folded scalars), where the escape means the same character.
+    return re.sub("[<>&]", lambda match: _YAML_ESCAPES[match.group()], text)
+
+
+def _card_classes() -> tuple[type, type]:
+    """`ModelCardData` and `ModelCard` subclasses whose YAML is written by `_metadata_yaml`."""
+    global _CARD_CLASSES
+    if _CARD_CLASSES is None:
+        from huggingface_hub import ModelCard, ModelCardData
+
+        class PaLoRAModelCardData(ModelCardData):
+            def to_yaml(self, line_break: str | None = None, original_order: list[str] | None = None) -> str:
+                metadata = self.to_dict()
+                if original_order:
+                    order = [key for key in original_order if key in metadata]
+                    metadata = {key: metadata[key] for key in order + [k for k in metadata if k not in order]}
+                return _metadata_yaml(metadata, line_break=line_break)
+
+        class PaLoRAModelCard(ModelCard):
+            card_data_class = PaLoRAModelCardData
+
+        _CARD_CLASSES = (PaLoRAModelCardData, PaLoRAModelCard)
+    return _CARD_CLASSES
+
+
+_CARD_CLASSES: tuple[type, type] | None = None
+
+
 # ---------------------------------------------------------------------------------------------------- validation
 def _check_real(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
@@ -179,8 +314,7 @@ def _format_cell(value: Any) -> str:
         return f"{float(value):.4g}"
     if isinstance(value, (list, tuple)):
         return "(" + ", ".join(_format_cell(item) for item in value) + ")"
-    text = str(value).replace("\r", " ").replace("\n", " ")
-    return text.replace("|", "\\|")
+    return _escape_markdown(value)
 
 
 def _table_rows(table: Any) -> tuple[list[str], list[list[Any]]]:
@@ -211,7 +345,7 @@ def front_table_markdown(table: Any) -> str:
     """Render an evaluated Pareto front as a Markdown table (no `tabulate` dependency).
 
     Numbers get 4 significant digits, sequences such as preferences become tuples, missing values (None, NaN) an
-    empty cell, and `|` in text is escaped.
+    empty cell; text is escaped (`|`, Markdown, HTML, line breaks) so that every row stays one row of plain text.
     """
     columns, rows = _table_rows(table)
     if not columns or not rows:
@@ -235,15 +369,10 @@ def _versions() -> list[str]:
     return [f"- peft_palora {__version__}", *lines]
 
 
-def _literal(text: str) -> str:
-    """A double-quoted Python string literal (JSON string syntax is valid Python for these)."""
-    return json.dumps(str(text))
-
-
 def _example_preference(task_names: list[str]) -> tuple[str, str]:
     """(dict form, list form) of a preference that leans 70/30 towards the first two tasks -- exactly sums to 1."""
     weights = [0.7, 0.3] + [0.0] * (len(task_names) - 2)
-    as_dict = "{" + ", ".join(f"{_literal(name)}: {weight}" for name, weight in zip(task_names, weights)) + "}"
+    as_dict = "{" + ", ".join(f"{_python_literal(name)}: {weight}" for name, weight in zip(task_names, weights)) + "}"
     one_hot = "[" + ", ".join("1.0" if index == 0 else "0.0" for index in range(len(task_names))) + "]"
     return as_dict, one_hot
 
@@ -263,9 +392,9 @@ def _usage_snippet(config: Any, model: Any, repo_id: str, base_model: str | None
     import_line, base_class = _base_model_class_name(model, task_type)
     auto_peft = _AUTO_PEFT_CLASSES.get(task_type or "", "AutoPeftModel")
     as_dict, one_hot = _example_preference(_task_names(config))
-    base_ref = _literal(base_model) if base_model else '"<base model id or path>"'
+    base_ref = _python_literal(base_model) if base_model else '"<base model id or path>"'
     revision = getattr(config, "revision", None)
-    revision_arg = f", revision={_literal(revision)}" if revision else ""
+    revision_arg = f", revision={_python_literal(revision)}" if revision else ""
     return "\n".join([
         "```python",
         "import peft_palora  # registers the PALORA adapter type with PEFT; import it before loading",
@@ -273,9 +402,9 @@ def _usage_snippet(config: Any, model: Any, repo_id: str, base_model: str | None
         import_line,
         "",
         f"base = {base_class}.from_pretrained({base_ref}{revision_arg})",
-        f"model = PeftModel.from_pretrained(base, {_literal(repo_id)})",
+        f"model = PeftModel.from_pretrained(base, {_python_literal(repo_id)})",
         f"# or in one step, loading the base model named in adapter_config.json: "
-        f"{auto_peft}.from_pretrained({_literal(repo_id)})",
+        f"{auto_peft}.from_pretrained({_python_literal(repo_id)})",
         "",
         f"model.set_preference({as_dict})  # by task name; a list or tensor in task order works too",
         "outputs = model(**inputs)",
@@ -287,25 +416,27 @@ def _usage_snippet(config: Any, model: Any, repo_id: str, base_model: str | None
 def _config_summary(config: Any) -> list[str]:
     target_modules = config.target_modules
     if isinstance(target_modules, (set, frozenset, list, tuple)):
-        target_modules = ", ".join(f"`{name}`" for name in sorted(target_modules))
+        target_modules = ", ".join(_inline_code(name) for name in sorted(target_modules, key=str))
     elif target_modules is not None:
-        target_modules = f"`{target_modules}`"
+        target_modules = _inline_code(target_modules)
     task_type = _task_type_name(config)
+    rank_pattern = getattr(config, "rank_pattern", None)
+    alpha_pattern = getattr(config, "alpha_pattern", None)
     lines = [
-        "- PEFT type: `PALORA`" + ("" if task_type is None else f", task type `{task_type}`"),
+        "- PEFT type: `PALORA`" + ("" if task_type is None else f", task type {_inline_code(task_type)}"),
         f"- Tasks: T = {int(config.num_tasks)}",
-        f"- Rank per task adapter: r = {config.r}"
-        + (f" (per layer: `rank_pattern` = {config.rank_pattern})" if getattr(config, "rank_pattern", None) else ""),
-        f"- `palora_alpha` = {config.palora_alpha} (each adapter is scaled by alpha / r = "
+        f"- Rank per task adapter: r = {_escape_markdown(config.r)}"
+        + (f" (per layer: `rank_pattern` = {_escape_markdown(rank_pattern)})" if rank_pattern else ""),
+        f"- `palora_alpha` = {_escape_markdown(config.palora_alpha)} (each adapter is scaled by alpha / r = "
         f"{float(config.palora_alpha) / config.r:.4g})"
-        + (f" (per layer: `alpha_pattern` = {config.alpha_pattern})" if getattr(config, "alpha_pattern", None) else ""),
-        f"- `palora_dropout` = {config.palora_dropout}",
+        + (f" (per layer: `alpha_pattern` = {_escape_markdown(alpha_pattern)})" if alpha_pattern else ""),
+        f"- `palora_dropout` = {_escape_markdown(config.palora_dropout)}",
         f"- Target modules: {target_modules}",
         f"- `train_base_weights` = {bool(getattr(config, 'train_base_weights', False))}",
     ]
     modules_to_save = getattr(config, "modules_to_save", None)
     if modules_to_save:
-        lines.append("- Modules trained fully and saved: " + ", ".join(f"`{name}`" for name in modules_to_save))
+        lines.append("- Modules trained fully and saved: " + ", ".join(_inline_code(name) for name in modules_to_save))
     if getattr(config, "train_base_weights", False):
         lines.append(
             "\nThe targeted base weights were trained together with the adapters (the paper's setting) and are part "
@@ -346,8 +477,7 @@ def build_model_card(
 
     Raises `TypeError`/`ValueError` naming the argument for malformed input.
     """
-    from huggingface_hub import ModelCard, ModelCardData
-
+    card_data_class, card_class = _card_classes()
     config, model = _resolve_config(peft_model_or_config, adapter_name)
     if repo_id is not None and (not isinstance(repo_id, str) or not repo_id.strip()):
         raise ValueError(f"`repo_id` must be a non-empty string, got {repo_id!r}.")
@@ -381,7 +511,7 @@ def build_model_card(
     if base_model:
         card_tags.append(f"base_model:adapter:{base_model}")
     card_tags += list(tags or [])
-    card_data = ModelCardData(
+    card_data = card_data_class(
         library_name="peft",
         tags=list(dict.fromkeys(card_tags)),
         base_model=base_model,
@@ -389,7 +519,7 @@ def build_model_card(
         license=license,
     )
 
-    title = f"PaLoRA adapter for {base_model}" if base_model else "PaLoRA adapter"
+    title = f"PaLoRA adapter for {_escape_markdown(base_model)}" if base_model else "PaLoRA adapter"
     sections = [f"# {title}", "", _INTRO.format(paper=PAPER_URL), ""]
     sections += ["## Tasks", "", "| index | task |", "| --- | --- |"]
     sections += [f"| {index} | {_format_cell(name)} |" for index, name in enumerate(task_names)]
@@ -402,7 +532,7 @@ def build_model_card(
         "",
         "    W(preference) = W + (palora_alpha / r) * sum_t preference[t] * B_t @ A_t",
         "",
-        f"so `[1.0, 0.0{', 0.0' * (len(task_names) - 2)}]` uses only the adapter of `{task_names[0]}` and gives the "
+        f"so `[1.0, 0.0{', 0.0' * (len(task_names) - 2)}]` uses only the adapter of {_inline_code(task_names[0])} and gives the "
         "model trained for that task, and mixtures move along the trade-off between the tasks. Set it with "
         "`model.set_preference(...)` (a list, an array, a tensor or a dict keyed by task name), or for one call with "
         "`model(**inputs, preference=...)`; a `(batch, T)` tensor gives every example its own preference. A "
@@ -445,8 +575,111 @@ def build_model_card(
         "",
         *_versions(),
     ]
-    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(sections) + "\n"
-    return ModelCard(content)
+    # The metadata block is what the card's own serialiser writes; parsing it back gives `card.data`.
+    return card_class(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(sections) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- local bundles
+CARD_NAME = "README.md"
+FRONT_REPORT_NAME = "front.json"
+
+
+def _is_front_report(front: Any) -> bool:
+    """A front report as `training.write_front_report` writes it (`front.json`): rows under "front", and more."""
+    rows = front.get("front") if isinstance(front, Mapping) else None
+    return (
+        isinstance(rows, Sequence)
+        and not isinstance(rows, (str, bytes))
+        and all(isinstance(row, Mapping) for row in rows)
+    )
+
+
+def _read_front_report(path: Path) -> Mapping[str, Any]:
+    if path.is_dir():
+        path = path / FRONT_REPORT_NAME
+    try:
+        with open(path, encoding="utf-8") as handle:
+            report = json.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"`front` {str(path)!r} does not exist.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"`front` {str(path)!r} is not a readable JSON front report ({type(error).__name__}).") from None
+    if not _is_front_report(report):
+        raise ValueError(f"`front` {str(path)!r} holds no front report: expected an object with a \"front\" list of rows.")
+    return report
+
+
+def _front_card_arguments(front: Any, plot_path: str | os.PathLike | None) -> dict[str, Any]:
+    """`build_model_card` arguments from `write_model_card`'s `front`: a table, a report mapping or a path to one."""
+    if front is None:
+        return {"plot_path": plot_path}
+    if isinstance(front, (str, os.PathLike)):
+        front = _read_front_report(Path(front))
+    if not _is_front_report(front):
+        return {"front_table": front, "plot_path": plot_path}
+    arguments: dict[str, Any] = {"front_table": list(front["front"]), "plot_path": plot_path}
+    if front.get("hypervolume") is not None:
+        arguments["hypervolume"] = front["hypervolume"]
+        reference = front.get("reference")
+        if reference is not None:
+            arguments["hypervolume_reference"] = list(reference) if isinstance(reference, Sequence) else reference
+    report_plot = front.get("plot")
+    if plot_path is None and isinstance(report_plot, (str, os.PathLike)) and os.path.isfile(report_plot):
+        arguments["plot_path"] = report_plot  # `write_front_report`'s return value names the plot it drew
+    return arguments
+
+
+def write_model_card(
+    peft_model: Any,
+    save_directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    front: Any = None,
+    plot_path: str | os.PathLike | None = None,
+    **card_kwargs: Any,
+) -> str:
+    """Write PaLoRA's model card as `README.md` into a local bundle folder; returns the card's path.
+
+    The card is `build_model_card(peft_model, ...)`: tasks, what a preference means, usage, the adapter
+    configuration and, when given, the Pareto front. An existing `README.md` is replaced (atomically).
+
+    Args:
+        peft_model: a PEFT model with PaLoRA adapters (or a `PaLoRAConfig`).
+        save_directory: the bundle folder (created if needed).
+        adapter_name: which adapter to describe; defaults to the active one.
+        front: the evaluated front, optional: a table (as `build_model_card`'s `front_table`), a front report as
+            `training.write_front_report` writes it (`{"front": rows, "hypervolume": ..., "reference": ...}`, whose
+            hypervolume and reference are shown too), or the path of such a `front.json` (or of its folder).
+        plot_path: an image of the front. It is copied into the folder as `front.<suffix>` (unless it is that file
+            already) and embedded; by default the plot a report names, if it exists.
+        card_kwargs: further `build_model_card` arguments (`repo_id`, `base_model`, `tags`, `pipeline_tag`,
+            `license`, `hypervolume`, `hypervolume_reference`).
+
+    Raises `TypeError`/`ValueError` naming the argument for malformed input, before anything is written.
+    """
+    from ._atomic import atomic_write_text
+
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise TypeError(f"`save_directory` must be a path, got {type(save_directory).__name__}.")
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"`save_directory` {str(directory)!r} is a file; give a folder.")
+    allowed = {"repo_id", "base_model", "tags", "pipeline_tag", "license", "hypervolume", "hypervolume_reference"}
+    unknown = sorted(set(card_kwargs) - allowed)
+    if unknown:
+        raise TypeError(f"write_model_card() got unexpected keyword arguments: {unknown}.")
+    arguments = _front_card_arguments(front, plot_path)
+    arguments.update(card_kwargs)
+    plot = _check_plot_path(arguments.pop("plot_path"))
+    card = build_model_card(peft_model, adapter_name=adapter_name, plot_path=plot, **arguments)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if plot is not None:
+        target = directory / plot_filename_in_repo(plot)
+        if not (target.exists() and os.path.samefile(plot, target)):
+            shutil.copyfile(plot, target)
+    path = directory / CARD_NAME
+    atomic_write_text(str(path), str(card))
+    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------------- pushing

@@ -13,6 +13,7 @@ the (batch, ..., T*r) hidden activations row by row. No Python loop runs over ta
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -127,6 +128,10 @@ class PaLoRALayer(BaseTunerLayer):
                 nn.init.normal_(b, std=0.1)
 
     # ---- the preference -----------------------------------------------------------------------------------------
+    def _directions(self, adapter_name: str) -> int:
+        """How many adapter directions each task owns (its block of rows of A, columns of B): r."""
+        return self.r[adapter_name]
+
     def _preference(self, adapter_name: str) -> torch.Tensor:
         """The preference in force for this adapter: the running call's, else the adapter's default."""
         snapshot = _per_call.current()
@@ -136,7 +141,7 @@ class PaLoRALayer(BaseTunerLayer):
 
     def _scale(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
         """This layer's ``(alpha / r) * lambda`` per adapter direction, on ``like``'s device and dtype."""
-        r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        r, scaling = self._directions(adapter_name), self.scaling[adapter_name]
         snapshot = _per_call.current()
         if snapshot is not None and adapter_name in snapshot.values:
             return snapshot.scale(adapter_name, r, scaling, like.device, like.dtype)
@@ -171,7 +176,7 @@ class PaLoRALayer(BaseTunerLayer):
             snapshot = _per_call.current()
             expansion = snapshot.expansion if snapshot is not None else 1
             difference = preference - merged_at.to(preference)
-            scales[name] = scale_vector(difference, self.r[name], self.scaling[name], expansion).to(b.device, b.dtype)
+            scales[name] = scale_vector(difference, self._directions(name), self.scaling[name], expansion).to(b.device, b.dtype)
         return scales
 
     # ---- the delta ----------------------------------------------------------------------------------------------
@@ -187,7 +192,7 @@ class PaLoRALayer(BaseTunerLayer):
         # (a collective, so every rank must merge together) and cut back to this rank's shard of the weight.
         a, b = _full_tensor(self.palora_A[adapter_name]), _full_tensor(self.palora_B[adapter_name])
         preference = self._shared_preference(adapter_name, preference)
-        scale = scale_vector(preference, self.r[adapter_name], self.scaling[adapter_name]).to(b.device, b.dtype)
+        scale = scale_vector(preference, self._directions(adapter_name), self.scaling[adapter_name]).to(b.device, b.dtype)
         delta = self._delta_from(a, b, scale)
         weight = self.get_base_layer().weight
         if _is_dtensor(weight):
@@ -252,7 +257,7 @@ class PaLoRALayer(BaseTunerLayer):
         if _is_dtensor(weight) or _is_dtensor(a) or weight.dtype != b.dtype or weight.device != b.device:
             weight.data.add_(self.get_delta_weight(adapter_name, preference).to(weight.dtype), alpha=alpha)
             return
-        scale = scale_vector(preference, self.r[adapter_name], self.scaling[adapter_name]).to(b.device, b.dtype)
+        scale = scale_vector(preference, self._directions(adapter_name), self.scaling[adapter_name]).to(b.device, b.dtype)
         self._add_delta(weight.data, a, b, scale, alpha=alpha)
 
     def remerge(self) -> None:
@@ -531,6 +536,72 @@ class ConvNd(_PaLoRAModule):
         return out.reshape(batch, self.out_features, *spatial)
 
 
+class PaperConvNd(ConvNd):
+    """The paper's convolution adapter (``PaLoRAConfig(conv_layout="paper")``), as the authors' code shapes it.
+
+    For a kernel ``(k_1, ..., k_d)`` each task owns ``r * k_1`` directions: ``B`` is ``(out/groups * k_1, T*r*k_1)``
+    and ``A`` is ``(T*r*k_1, in * k_2 * ... * k_d)``, and ``B_s @ A`` is reshaped into the kernel, so at r = 1 a 5x5
+    kernel delta can have full rank (PEFT's layout, a k x k convolution to r channels then 1x1, has rank at most r).
+    For Conv2d with a square kernel this is exactly ``B (out*k, r*k) @ A (r*k, in*k)``. ``A`` starts
+    Kaiming-uniform with the paper's bound ``1/sqrt(in * k)``.
+
+    The delta is not a product of two convolutions, so it always runs folded into the kernel: one convolution
+    with ``W + delta(lambda)`` for a shared preference, and, per sample, one convolution per task with that task's
+    kernel delta, weighted by each sample's preference.
+    """
+
+    def _matrix_shape(self) -> tuple[int, int]:
+        kernel = tuple(self.get_base_layer().kernel_size)
+        return self.out_features // self.groups * kernel[0], self.in_features * math.prod(kernel[1:])
+
+    def _directions(self, adapter_name):
+        return self.r[adapter_name] * self.get_base_layer().kernel_size[0]
+
+    def _adapter_shapes(self, total_rank):
+        rows, cols = self._matrix_shape()
+        inner = total_rank * self.get_base_layer().kernel_size[0]
+        return (inner, cols), (rows, inner)
+
+    def _add_delta(self, out, a, b, scale, alpha=1.0):
+        if not out.is_contiguous():
+            return out.add_((self._scaled_b(b, scale) @ a).reshape(out.shape), alpha=alpha)
+        out.view(self._matrix_shape()).addmm_(self._scaled_b(b, scale), a, alpha=alpha)
+        return out
+
+    def _can_fold_into_weight(self, scales, x):
+        # The branch here is itself a full convolution with the kernel delta, so folding is never the dearer path:
+        # only the conditions under which folding would change the result remain.
+        base = self.get_base_layer()
+        if base._forward_hooks or base._forward_pre_hooks or type(base).forward not in _PLAIN_CONV_FORWARDS:
+            return False
+        for name, scale in scales.items():
+            dropout = self.palora_dropout[name]
+            if scale.dim() != 1 or (dropout.training and not isinstance(dropout, nn.Identity)):
+                return False
+            if self.palora_A[name].dtype != base.weight.dtype or self.palora_B[name].dtype != base.weight.dtype:
+                return False
+        return True
+
+    def _adapter_output(self, adapter_name, x, scale):
+        base = self.get_base_layer()
+        a, b = self.palora_A[adapter_name], self.palora_B[adapter_name]
+        x = self.palora_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
+        if scale.dim() == 1:
+            return base._conv_forward(x, self._delta_from(a, b, scale), None)
+        # One preference per sample: the T task deltas as T convolutions, mixed per sample. `scale` holds each
+        # task's scaling * lambda repeated over its directions; its first direction per task is that factor.
+        directions = self._directions(adapter_name)
+        per_task = scale[:, ::directions]  # (rows, T)
+        out = None
+        for task in range(per_task.shape[1]):
+            unit = torch.zeros(per_task.shape[1] * directions, dtype=b.dtype, device=b.device)
+            unit[task * directions : (task + 1) * directions] = 1.0
+            hidden = base._conv_forward(x, self._delta_from(a, b, unit), None)
+            term = hidden * self._per_sample_scale(per_task[:, task : task + 1], hidden, channel_dim=1)
+            out = term if out is None else out + term
+        return out
+
+
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # A subclass that overrides ``forward`` may do more than ``_conv_forward``; such layers keep the adapter branch.
 _PLAIN_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
@@ -541,17 +612,28 @@ def dispatch_layer_type_supported(module: nn.Module) -> bool:
     return isinstance(module, SUPPORTED_LAYER_TYPES)
 
 
-def dispatch_layer(target: nn.Module, adapter_name: str, **kwargs: Any) -> nn.Module | None:
+def dispatch_layer(target: nn.Module, adapter_name: str, conv_layout: str = "peft", **kwargs: Any) -> nn.Module | None:
     """Build the PaLoRA layer for ``target``, or return None when its type is not supported.
 
-    The weight layout follows the layer type: transformers' ``Conv1D`` stores (in, out) (``fan_in_fan_out``),
-    ``nn.Linear`` (out, in), whatever the config's ``fan_in_fan_out`` says.
+    Backends are tried in order, as PEFT's LoRA does: bitsandbytes' quantised linears (when bitsandbytes is
+    installed), then the plain layer types. The weight layout follows the layer type: transformers' ``Conv1D``
+    stores (in, out) (``fan_in_fan_out``), ``nn.Linear`` (out, in), whatever the config's ``fan_in_fan_out`` says.
+    ``conv_layout`` picks the convolution adapter: ``"peft"`` (:class:`ConvNd`) or ``"paper"`` (:class:`PaperConvNd`).
     """
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if importlib.util.find_spec("bitsandbytes") is not None and _is_bnb_layer(base):
+        from .bnb import dispatch_bnb
+
+        return dispatch_bnb(target, adapter_name, **kwargs)
     if isinstance(base, (nn.Linear, Conv1D)):
         return Linear(target, adapter_name, **kwargs)
     if isinstance(base, nn.Embedding):
         return Embedding(target, adapter_name, **kwargs)
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return ConvNd(target, adapter_name, **kwargs)
+        return (PaperConvNd if conv_layout == "paper" else ConvNd)(target, adapter_name, **kwargs)
     return None
+
+
+def _is_bnb_layer(module: nn.Module) -> bool:
+    # By module path, so that bitsandbytes is imported only when the model already uses it.
+    return type(module).__module__.startswith("bitsandbytes.")

@@ -366,7 +366,7 @@ def export_lora_from_bundle(
     """
     from peft import PeftModel
 
-    from ._peft_hooks import check_local_bundle
+    from ._bundle_checks import check_local_bundle
 
     if not isinstance(bundle_dir, (str, os.PathLike)) or not os.path.isdir(bundle_dir):
         raise ValueError(f"`bundle_dir` must be an existing folder, got {bundle_dir!r}.")

@@ -85,7 +85,7 @@ class PaLoRAModel(BaseTuner):
         if isinstance(target, PaLoRALayer):
             target.update_layer(adapter_name, **kwargs)
             return
-        new_module = dispatch_layer(target, adapter_name, **kwargs)
+        new_module = dispatch_layer(target, adapter_name, conv_layout=palora_config.conv_layout, **kwargs)
         if new_module is None:
             raise TypeError(
                 f"Target module '{current_key}' ({type(target).__name__}) is not supported by PaLoRA. Supported: "

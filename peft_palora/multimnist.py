@@ -115,13 +115,21 @@ class _Blob:
     text: str | None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Call:
-    """A REDUCE (``func(*args)``) that was *not* performed, plus the state a later BUILD would have applied."""
+    """A REDUCE (``func(*args)``) that was *not* performed, plus the state a later BUILD would have applied.
+
+    ``depth`` and ``nodes`` measure the structure below it (see :func:`_walk_opcodes`). ``sealed`` is set once the
+    call became part of another object: a BUILD must not change it after that, or the measures recorded for its
+    containers would be wrong. Identity comparison only (``eq=False``): comparing two calls must not walk them.
+    """
 
     func: object
     args: object
     state: object = None
+    depth: int = 1
+    nodes: int = 1
+    sealed: bool = False
 
 
 _RECONSTRUCT = {_Global("numpy.core.multiarray", "_reconstruct"), _Global("numpy._core.multiarray", "_reconstruct")}
@@ -130,50 +138,110 @@ _DTYPE = _Global("numpy", "dtype")
 _DTYPE_CODES = {"u1": np.uint8, "i4": np.int32, "i8": np.int64, "f4": np.float32, "f8": np.float64}
 _STRING_HEADERS = {"SHORT_BINSTRING": 2, "BINSTRING": 5, "SHORT_BINBYTES": 2, "BINBYTES": 5}
 _LONG_TEXT = 64  # longer string operands are array payloads: only their position is kept
+# Bounds on the work a stream may ask for. The real mnist.pkl has 151 opcodes and its objects nest 7 deep with
+# about 250 nodes when shared objects are counted once per use; a hostile stream of a few hundred bytes could
+# otherwise describe a structure of 2**100 nodes (memo GET doubling) that any later traversal would never finish.
+_MAX_OPCODES = 10_000
+_MAX_DEPTH = 32
+_MAX_NODES = 10_000
+_MAX_MESSAGE = 400  # characters of the reason given in an error message
+
+
+def _measure(value: object, recorded: tuple[int, int]) -> tuple[int, int]:
+    """(depth, nodes) of a decoded object; a call's own fields are current, they grow at BUILD."""
+    return (value.depth, value.nodes) if isinstance(value, _Call) else recorded
+
+
+def _seal(value: object) -> None:
+    if isinstance(value, _Call):
+        value.sealed = True
+
+
+def _describe(value: object) -> str:
+    """A short description of a decoded object, never its repr (which could be arbitrarily large)."""
+    if isinstance(value, _Global):
+        return f"global {(value.module + '.' + value.name)[:80]!r}"
+    if isinstance(value, _Blob):
+        return f"a string of {value.length} bytes"
+    if isinstance(value, _Call):
+        return f"a call of {_describe(value.func)}" if isinstance(value.func, _Global) else "a call"
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)} item{'' if len(value) == 1 else 's'}"
+    if value is None or isinstance(value, (bool, int)):
+        text = repr(value)
+        return text if len(text) <= 40 else f"an integer of {len(text)} digits"
+    return type(value).__name__
 
 
 def _walk_opcodes(data: bytes) -> object:
     """Evaluate the pickle symbolically: tuples, ints and short strings are built, calls are only recorded.
 
     Only the opcodes that a protocol-2 pickle of numpy arrays uses are understood; anything else is an error,
-    which is what keeps this safe and strict.
+    which is what keeps this safe and strict. The work is bounded: at most ``_MAX_OPCODES`` opcodes, objects
+    nested at most ``_MAX_DEPTH`` deep and made of at most ``_MAX_NODES`` nodes, counting an object shared through
+    the memo once per use (so a structure that doubles with every memo GET is stopped after a few steps).
     """
     stack: list = []
+    measures: list[tuple[int, int]] = []  # (depth, nodes) of each stack entry, in step with `stack`
     marks: list[int] = []
-    memo: dict[int, object] = {}
-    for opcode, arg, pos in pickletools.genops(data):
+    memo: dict[int, tuple[object, tuple[int, int]]] = {}
+
+    def push(value: object, depth: int, nodes: int, pos: int) -> None:
+        if depth > _MAX_DEPTH:
+            raise ValueError(f"objects nested more than {_MAX_DEPTH} deep (byte {pos})")
+        if nodes > _MAX_NODES:
+            raise ValueError(f"an object of more than {_MAX_NODES} parts (byte {pos}); MNIST needs a few hundred")
+        stack.append(value)
+        measures.append((depth, nodes))
+
+    def pop(count: int, name: str, pos: int) -> list[tuple[object, tuple[int, int]]]:
+        floor = marks[-1] if marks else 0
+        if len(stack) - floor < count:
+            raise ValueError(f"{name} at byte {pos} with too few items on the stack")
+        items = [(value, _measure(value, measured)) for value, measured in zip(stack[-count:], measures[-count:])]
+        del stack[len(stack) - count :], measures[len(measures) - count :]
+        for value, _ in items:
+            _seal(value)
+        return items
+
+    def push_tuple(items: list[tuple[object, tuple[int, int]]], pos: int) -> None:
+        depth = 1 + max((measured[0] for _, measured in items), default=0)
+        push(tuple(value for value, _ in items), depth, 1 + sum(measured[1] for _, measured in items), pos)
+
+    for count, (opcode, arg, pos) in enumerate(pickletools.genops(data)):
+        if count >= _MAX_OPCODES:
+            raise ValueError(f"more than {_MAX_OPCODES} opcodes; the MNIST pickle has about 150")
         name = opcode.name
         if name in ("PROTO", "FRAME"):
             continue
         if name == "GLOBAL":
             module, _, qualname = arg.partition(" ")
-            stack.append(_Global(module, qualname))
+            push(_Global(module, qualname), 1, 1, pos)
         elif name in ("BINPUT", "LONG_BINPUT"):
-            memo[arg] = stack[-1]
+            if not stack:
+                raise ValueError(f"{name} at byte {pos} with an empty stack")
+            memo[arg] = (stack[-1], measures[-1])
         elif name in ("BINGET", "LONG_BINGET"):
             if arg not in memo:
                 raise ValueError(f"memo key {arg} read before it was written (byte {pos})")
-            stack.append(memo[arg])
+            value, measured = memo[arg]
+            push(value, *_measure(value, measured), pos)
         elif name == "MARK":
             marks.append(len(stack))
         elif name == "TUPLE":
-            start = marks.pop()
-            items = tuple(stack[start:])
-            del stack[start:]
-            stack.append(items)
+            if not marks:
+                raise ValueError(f"TUPLE at byte {pos} without a MARK")
+            items = pop(len(stack) - marks[-1], name, pos)
+            marks.pop()
+            push_tuple(items, pos)
         elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-            size = int(name[-1])
-            if len(stack) - (marks[-1] if marks else 0) < size:
-                raise ValueError(f"{name} at byte {pos} with too few items on the stack")
-            items = tuple(stack[-size:])
-            del stack[-size:]
-            stack.append(items)
+            push_tuple(pop(int(name[-1]), name, pos), pos)
         elif name == "EMPTY_TUPLE":
-            stack.append(())
+            push((), 1, 1, pos)
         elif name in ("BININT", "BININT1", "BININT2"):
-            stack.append(arg)
+            push(arg, 0, 1, pos)
         elif name in ("NONE", "NEWFALSE", "NEWTRUE"):
-            stack.append({"NONE": None, "NEWFALSE": False, "NEWTRUE": True}[name])
+            push({"NONE": None, "NEWFALSE": False, "NEWTRUE": True}[name], 0, 1, pos)
         elif name in _STRING_HEADERS:
             header = _STRING_HEADERS[name]
             length = len(arg)
@@ -183,17 +251,23 @@ def _walk_opcodes(data: bytes) -> object:
             text = None
             if length <= _LONG_TEXT:
                 text = arg if isinstance(arg, str) else arg.decode("latin-1")
-            stack.append(_Blob(pos + header, length, text))
+            push(_Blob(pos + header, length, text), 0, 1, pos)
         elif name == "REDUCE":
-            args = stack.pop()
-            func = stack.pop()
-            stack.append(_Call(func, args))
+            (func, (func_depth, func_nodes)), (args, (args_depth, args_nodes)) = pop(2, name, pos)
+            call = _Call(func, args, depth=1 + max(func_depth, args_depth), nodes=1 + func_nodes + args_nodes)
+            push(call, call.depth, call.nodes, pos)
         elif name == "BUILD":
-            state = stack.pop()
-            target = stack[-1]
-            if not isinstance(target, _Call) or target.state is not None:
+            ((state, (state_depth, state_nodes)),) = pop(1, name, pos)
+            target = stack[-1] if len(stack) > (marks[-1] if marks else 0) else None
+            if not isinstance(target, _Call) or target.state is not None or target.sealed:
                 raise ValueError(f"BUILD at byte {pos} applies state to something that is not a fresh object")
             target.state = state
+            target.depth = max(target.depth, 1 + state_depth)
+            target.nodes += state_nodes
+            if target.depth > _MAX_DEPTH or target.nodes > _MAX_NODES:
+                raise ValueError(
+                    f"an object nested more than {_MAX_DEPTH} deep or of more than {_MAX_NODES} parts (byte {pos})"
+                )
         elif name == "STOP":
             if len(stack) != 1 or marks:
                 raise ValueError(f"the stream stops at byte {pos} with {len(stack)} objects on the stack")
@@ -209,23 +283,23 @@ def _text(value: object) -> str | None:
 
 def _decode_array(node: object, data: bytes, what: str) -> np.ndarray:
     """Check that ``node`` is exactly how numpy pickles an ndarray, and view its payload as one (no copy)."""
-    if not (isinstance(node, _Call) and node.func in _RECONSTRUCT):
-        raise ValueError(f"{what}: expected a numpy array, found {node!r:.200}")
+    if not (isinstance(node, _Call) and isinstance(node.func, _Global) and node.func in _RECONSTRUCT):
+        raise ValueError(f"{what}: expected a numpy array, found {_describe(node)}")
     args = node.args
     if not (isinstance(args, tuple) and len(args) == 3 and args[0] == _NDARRAY and args[1] == (0,)):
-        raise ValueError(f"{what}: unexpected array constructor arguments {args!r:.200}")
+        raise ValueError(f"{what}: unexpected array constructor arguments ({_describe(args)})")
     state = node.state
     if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
-        raise ValueError(f"{what}: unexpected array state {state!r:.200}")
+        raise ValueError(f"{what}: unexpected array state ({_describe(state)})")
     _, shape, dtype_node, fortran_order, payload = state
     if not (
         isinstance(shape, tuple) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
     ):
-        raise ValueError(f"{what}: invalid shape {shape!r:.200}")
+        raise ValueError(f"{what}: invalid shape ({_describe(shape)})")
     if fortran_order is not False:
         raise ValueError(f"{what}: Fortran-ordered arrays are not expected")
     if not (isinstance(dtype_node, _Call) and dtype_node.func == _DTYPE and isinstance(dtype_node.args, tuple)):
-        raise ValueError(f"{what}: invalid dtype {dtype_node!r:.200}")
+        raise ValueError(f"{what}: invalid dtype ({_describe(dtype_node)})")
     code = _text(dtype_node.args[0]) if dtype_node.args else None
     dtype_state = dtype_node.state
     if code not in _DTYPE_CODES or not (isinstance(dtype_state, tuple) and len(dtype_state) == 8):
@@ -277,7 +351,9 @@ def parse_mnist_pickle(data: bytes, source: str = "<bytes>") -> dict[str, tuple[
         ``{split: (images uint8 (N, 28, 28), labels int64 (N,))}`` for the splits in :data:`SPLITS`.
 
     Raises:
-        ValueError: naming ``source``, if the bytes are not such a pickle (truncated, other objects, bad sizes).
+        ValueError: naming ``source``, if the bytes are not such a pickle (truncated, other objects, bad sizes),
+            or if they ask for more work than such a pickle needs (too many opcodes, objects nested too deep or
+            made of too many parts). The message is short: it describes objects, it never prints them.
     """
     try:
         root = _walk_opcodes(data)
@@ -300,8 +376,11 @@ def parse_mnist_pickle(data: bytes, source: str = "<bytes>") -> dict[str, tuple[
             pixels = _images_to_uint8(images, f"{split} images").reshape(-1, _DIGIT_SIZE, _DIGIT_SIZE)
             result[split] = (torch.from_numpy(pixels), torch.from_numpy(labels.astype(np.int64)))
         return result
-    except (ValueError, IndexError, KeyError, TypeError) as error:
-        raise ValueError(f"{source} is not a valid MNIST pickle: {error}") from None
+    except (ValueError, IndexError, KeyError, TypeError, RecursionError) as error:
+        reason = str(error)
+        if len(reason) > _MAX_MESSAGE:
+            reason = reason[: _MAX_MESSAGE - 3] + "..."
+        raise ValueError(f"{source} is not a valid MNIST pickle: {reason}") from None
 
 
 def _read_file(path: Path) -> bytes:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -87,8 +89,233 @@ def test_front_matches_an_independent_evaluation(bundle, tmp_path):
         assert row["right_loss"] == pytest.approx(loss, rel=1e-5)
 
 
-def test_console_script_and_errors(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "peft_palora.cli", "info", str(tmp_path)], capture_output=True,
-                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
-    assert result.returncode != 0
-    assert "not a PaLoRA config" in result.stderr + result.stdout
+# ------------------------------------------------------------------------------------------------- user errors
+def _run(argv, capsys) -> tuple[int, str]:
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    err = capsys.readouterr().err
+    return status, err
+
+
+def _error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("palora")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def broken_inputs(tmp_path, bundle):
+    path, _ = bundle
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "config.json").write_text("{not json")
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "nobundle").mkdir()
+    (tmp_path / "noheads").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "noheads" / name).write_bytes(open(os.path.join(path, name), "rb").read())
+    shutil.copytree(path, tmp_path / "badheads")
+    heads = tmp_path / "badheads" / "task_heads.safetensors"
+    heads.write_bytes(heads.read_bytes()[:100])
+    (tmp_path / "data.txt").write_text("x")
+    (tmp_path / "data.csv").write_text("pixels,l,r\n1,2,3\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["info", "{tmp}/missing/folder"], "is not a folder"),
+        (["info", "{tmp}/nobundle"], "not a PaLoRA config"),
+        (["info", "{bundle}", "--base", "{tmp}/badjson"], "config.json is not readable JSON"),
+        (["info", "{bundle}", "--base", "{tmp}/deep"], "nested too deeply"),
+        (["info", "{bundle}", "--base", "{tmp}/data.txt"], "is a file"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--base", "{tmp}/badjson"], "config.json is not readable JSON"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--base", "{tmp}/deep"], "nested too deeply"),
+        (["front", "{tmp}/noheads", "--out", "{tmp}/o"], "task_heads.safetensors"),
+        (["front", "{tmp}/badheads", "--out", "{tmp}/o"], "task_heads.safetensors|header"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/none.csv"], "is not a file"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/data.txt"], "cannot tell the format"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/data.csv", "--label_columns", "up=l,right=r"],
+         "names task 'up'"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/data.csv", "--label_columns", "left=l"],
+         "no column for the tasks \\['right'\\]"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/data.csv", "--label_columns", "left=l,right=x"],
+         "has no column 'x'"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/data.csv", "--label_columns", "left=l,right=r",
+          "--input_column", "pixels"], "label 2 is outside|arrays must be"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--input_column", "x"], "apply to --data FILE only"),
+        (["export-lora", "{bundle}", "--out", "{tmp}/lora", "--preference", "a,b"], "comma-separated numbers"),
+        (["export-lora", "{tmp}/nobundle", "--out", "{tmp}/lora"], "not a PaLoRA config"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(broken_inputs, bundle, capsys, argv, message):
+    argv = [item.format(tmp=broken_inputs, bundle=bundle[0]) for item in argv]
+    status, err = _run(argv, capsys)
+    line = _error_line(err)
+    assert status == 2, err
+    assert line.startswith("palora: error: ") and re.search(message, line), line
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["front", "{bundle}", "--out", "o", "--points", "1"], "at least 2 points"),
+        (["front", "{bundle}", "--out", "o", "--points", "x"], "positive integer"),
+        (["front", "{bundle}", "--out", "o", "--batch_size", "0"], "positive integer"),
+        (["export-lora", "{bundle}"], "--out"),
+    ],
+)
+def test_bad_arguments_are_argparse_errors(bundle, capsys, argv, message):
+    status, err = _run([item.format(bundle=bundle[0]) for item in argv], capsys)
+    assert status == 2 and "Traceback" not in err and message in err.splitlines()[-1], err
+
+
+def test_internal_errors_are_one_line_unless_traceback_is_asked(bundle, capsys, monkeypatch):
+    from peft_palora import cli
+
+    def broken(*args, **kwargs):
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(cli, "bundle_summary", broken)
+    status, err = _run(["info", bundle[0]], capsys)
+    assert status == 1 and "internal error AttributeError: a bug" in _error_line(err)
+    with pytest.raises(AttributeError, match="a bug"):
+        main(["--traceback", "info", bundle[0]])
+
+
+def test_a_folder_without_a_bundle_names_the_missing_config(tmp_path, capsys):
+    status, err = _run(["info", str(tmp_path)], capsys)
+    assert status == 2
+    assert _error_line(err) == f"palora: error: {tmp_path / 'adapter_config.json'} is missing or not a PaLoRA config."
+
+
+# ------------------------------------------------------------------------------------------------- info on meta
+HUGE_VOCAB = 2_000_000_000  # with hidden size 64: 128e9 parameters, 512 GB in float32
+
+
+def test_info_builds_the_base_on_the_meta_device(bundle, tmp_path):
+    """A base model whose parameters would need 512 GB is measured with the address space capped at 8 GB."""
+    from transformers import BertConfig, BertModel
+
+    small = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    BertConfig(**{**small, "vocab_size": HUGE_VOCAB}).save_pretrained(tmp_path / "huge")
+    # Independently: only the word embeddings depend on the vocabulary, so the count grows by 64 per extra token.
+    expected = sum(p.numel() for p in BertModel(BertConfig(**small)).parameters()) + (HUGE_VOCAB - 100) * 64
+    import resource
+
+    def cap_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    # the console entry point itself (`python -m peft_palora.cli`), in a process that cannot allocate 8 GB
+    result = subprocess.run(
+        [sys.executable, "-m", "peft_palora.cli", "info", bundle[0], "--base", str(tmp_path / "huge"), "--json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=cap_address_space,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["base_parameters"] == expected
+    assert summary["overhead_percent"] == pytest.approx(100 * summary["adapter_parameters"] / expected)
+
+
+# ------------------------------------------------------------------------------------------------- front on your data
+def test_front_on_a_jsonl_file_of_arrays_matches_an_independent_evaluation(bundle, tmp_path, capsys):
+    path, model = bundle
+    generator = torch.Generator().manual_seed(3)
+    pixels = torch.rand(12, 1, 28, 28, generator=generator)
+    left, right = torch.randint(0, 10, (12,), generator=generator), torch.randint(0, 10, (12,), generator=generator)
+    rows = [{"image": p.tolist(), "digit_l": int(a), "digit_r": int(b)} for p, a, b in zip(pixels, left, right)]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    out = tmp_path / "front"
+    status = main(["front", path, "--out", str(out), "--points", "3", "--batch_size", "12", "--quiet",
+                   "--data", str(tmp_path / "mine.jsonl"), "--input_column", "image",
+                   "--label_columns", "left=digit_l,right=digit_r"])
+    assert status == 0
+    captured = capsys.readouterr()
+    assert "MISSING" not in captured.err and "LOAD REPORT" not in captured.err and "front (" not in captured.err
+    table = pd.read_csv(out / "front.csv")
+    assert len(table) == 3
+    model.eval()
+    for _, row in table.iterrows():
+        with torch.no_grad():
+            logits = model(pixel_values=pixels, preference=[row["pref_left"], row["pref_right"]])
+        assert row["left_accuracy"] == pytest.approx((logits["left"].argmax(-1) == left).float().mean().item())
+        assert row["right_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits["right"], right).item(),
+                                                  rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def text_bundle(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("text_bundle")
+    words = ["good", "bad", "film", "book", "very", "not", "a", "the", "plot", "cast"]
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    base = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                vocab_size=len(words) + 5))
+    base.save_pretrained(path / "base_model")
+    tokenizer.save_pretrained(path / "base_model")
+    config = PaLoRAConfig(task_names=["sentiment", "topic"], r=2, target_modules=["query", "value"],
+                          init_weights=False)
+    model = MultiTaskModel(get_peft_model(base, config), linear_heads(32, {"sentiment": 2, "topic": 3}))
+    model.save_pretrained(str(path))
+    return str(path), model, tokenizer
+
+
+def test_front_on_a_csv_text_file_matches_an_independent_evaluation(text_bundle, tmp_path, capsys):
+    path, model, tokenizer = text_bundle
+    texts = ["good film", "bad book", "very good plot", "not a good cast", "the film", "bad bad plot"]
+    sentiment, topic = [1, 0, 1, 0, 1, 0], [0, 1, 2, 2, 0, 2]
+    frame = pd.DataFrame({"review": texts, "label": sentiment, "topic_id": topic})
+    frame.to_csv(tmp_path / "reviews.csv", index=False)
+    out = tmp_path / "front"
+    assert main(["front", path, "--out", str(out), "--points", "2", "--data", str(tmp_path / "reviews.csv"),
+                 "--input_column", "review", "--label_columns", "sentiment=label,topic=topic_id"]) == 0
+    assert "front (2 preferences)" in capsys.readouterr().err  # the progress bar, on stderr
+    table = pd.read_csv(out / "front.csv")
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    model.eval()
+    for _, row in table.iterrows():
+        with torch.no_grad():
+            logits = model(**encoded, preference=[row["pref_sentiment"], row["pref_topic"]])
+        accuracy = (logits["topic"].argmax(-1) == torch.tensor(topic)).float().mean().item()
+        assert row["topic_accuracy"] == pytest.approx(accuracy)
+        loss = torch.nn.functional.cross_entropy(logits["sentiment"], torch.tensor(sentiment)).item()
+        assert row["sentiment_loss"] == pytest.approx(loss, rel=1e-4)
+    # labels outside a head's classes are refused, naming the task and the column
+    frame.assign(topic_id=[0, 1, 2, 3, 0, 0]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(Exception, match="topic=topic_id: label 3 is outside 0..2"):
+        from peft_palora.cli import run_front
+
+        run_front(path, str(out), data_file=str(tmp_path / "bad.csv"), input_column="review",
+                  label_columns="sentiment=label,topic=topic_id", quiet=True)
+
+
+# ------------------------------------------------------------------------------------------------- export-lora
+def test_export_lora_writes_a_plain_peft_lora_equal_to_the_preference(text_bundle, tmp_path, capsys):
+    import os.path
+
+    if not os.path.isfile(os.path.join(os.path.dirname(__file__), "..", "peft_palora", "lora_interop.py")):
+        pytest.skip("peft_palora.lora_interop is not there yet")
+    from peft import PeftModel
+    from transformers import BertModel
+
+    path, model, tokenizer = text_bundle
+    out = tmp_path / "lora"
+    assert main(["export-lora", path, "--preference", "0.7,0.3", "--out", str(out)]) == 0
+    assert f"LoRA bundle: {out}" in capsys.readouterr().out
+    assert json.load(open(out / "adapter_config.json"))["peft_type"] == "LORA"
+    encoded = tokenizer(["good film", "bad plot"], padding=True, return_tensors="pt")
+    lora = PeftModel.from_pretrained(BertModel.from_pretrained(os.path.join(path, "base_model")), str(out)).eval()
+    model.eval()
+    with torch.no_grad():
+        expected = model.backbone(**encoded, preference=[0.7, 0.3]).last_hidden_state
+        torch.testing.assert_close(lora(**encoded).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
+    status, err = _run(["export-lora", path, "--preference", "0.7,0.4", "--out", str(tmp_path / "x")], capsys)
+    assert status == 2 and "sum" in _error_line(err)

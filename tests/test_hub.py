@@ -132,16 +132,17 @@ def round_trip(tmp_path_factory):
     return report, server
 
 
-def test_importing_peft_palora_routes_push_to_hub():
-    """`import peft_palora` must make `PeftModel.push_to_hub` publish PaLoRA bundles with our card."""
-    from peft import PeftModel
+def test_importing_peft_palora_routes_push_to_hub(tiny_palora_model, monkeypatch):
+    """`import peft_palora` must make `push_to_hub` of a PaLoRA `PeftModel` publish with our card.
 
-    import peft_palora  # noqa: F401
+    (That other PEFT models keep transformers' method is `test_other_peft_models_keep_transformers_push`.)
+    """
+    from peft_palora import hub
 
-    assert getattr(PeftModel.push_to_hub, "_palora_dispatch", False), (
-        "PeftModel.push_to_hub is not routed: peft_palora's registration must call "
-        "peft_palora.hub.install_push_to_hub_hook()"
-    )
+    calls = []
+    monkeypatch.setattr(hub, "push_palora_to_hub", lambda model, repo_id, **kwargs: calls.append((model, repo_id, kwargs)))
+    tiny_palora_model.push_to_hub("user/repo", commit_message="m", max_shard_size="1GB")
+    assert calls == [(tiny_palora_model, "user/repo", {"commit_message": "m"})]
 
 
 def test_pulled_models_match_the_pushed_model_at_every_preference(round_trip):

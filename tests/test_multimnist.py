@@ -273,6 +273,96 @@ def test_parser_never_executes_the_pickle(tmp_path, payload):
     assert not marker.exists()
 
 
+# Hostile streams: the parser never runs code, but it must also bound the work and the error message.
+def _doubling_pickle(steps: int) -> bytes:
+    """A few hundred bytes describing (x, x, x) where x = (y, y) doubles at every step: 2**steps leaves.
+
+    EMPTY_TUPLE, BINPUT 0, then `steps` times (BINGET 0, TUPLE2, BINPUT 0): the new tuple pairs the previous one
+    with itself through the memo. The root (x, x, x) passes the "three (images, labels) pairs" check, so the parser
+    goes on to inspect (and describe) the shared structure.
+    """
+    return b"\x80\x02)q\x00" + b"h\x00\x86q\x00" * steps + b"h\x00h\x00\x87."
+
+
+def _nested_pickle(depth: int) -> bytes:
+    """A root of three pairs whose first element is a tuple nested `depth` deep (EMPTY_TUPLE, then TUPLE1s)."""
+    deep = b")" + b"\x85" * depth
+    pair = b")" + b")" + b"\x86"
+    return b"\x80\x02" + deep + b")" + b"\x86" + pair + pair + b"\x87."
+
+
+def _parse_timed(data: bytes) -> tuple[ValueError, float]:
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="hostile.pkl is not a valid MNIST pickle") as info:
+        parse_mnist_pickle(data, source="hostile.pkl")
+    return info.value, time.perf_counter() - start
+
+
+def test_parser_bounds_a_structure_that_doubles_through_the_memo():
+    data = _doubling_pickle(58)
+    assert len(data) == 301  # 2**58 leaves: describing, hashing or comparing it would never finish
+    error, seconds = _parse_timed(data)
+    assert seconds < 0.5, seconds
+    assert "parts" in str(error) and len(str(error)) < 600
+
+
+def test_the_node_bound_counts_shared_objects_once_per_use():
+    # x has 2**(steps + 1) - 1 nodes and the root 3 of them: 6142 for 10 steps stays under the bound of 10_000
+    # and reaches the array checks, 24574 for 12 steps does not.
+    error, _ = _parse_timed(_doubling_pickle(10))
+    assert "expected a numpy array, found a tuple of 2 items" in str(error)
+    error, _ = _parse_timed(_doubling_pickle(12))
+    assert "parts" in str(error)
+
+
+@pytest.mark.parametrize("depth", [40, 100_000])
+def test_parser_rejects_deep_nesting_without_recursion_error(depth):
+    error, seconds = _parse_timed(_nested_pickle(depth))
+    assert "nested more than 32 deep" in str(error)
+    assert seconds < 0.5 and len(str(error)) < 600
+
+
+def test_parser_accepts_nesting_up_to_the_bound():
+    error, _ = _parse_timed(_nested_pickle(29))  # 30 levels + the pair + the root = 32: past the walker
+    assert "expected a numpy array, found a tuple of 1 item" in str(error)
+    error, _ = _parse_timed(_nested_pickle(30))
+    assert "nested more than 32 deep" in str(error)
+
+
+def test_parser_bounds_the_number_of_opcodes():
+    data = b"\x80\x02" + b"N" * 20_000 + b"."
+    error, seconds = _parse_timed(data)
+    assert "more than 10000 opcodes" in str(error) and seconds < 0.5
+
+
+def test_parser_rejects_build_on_an_object_already_shared():
+    # call = numpy.dtype(); memo[0] = call; (call,); call again from the memo; BUILD(call, ()) must be refused, or
+    # the tuple built before would no longer be measured correctly.
+    data = b"\x80\x02cnumpy\ndtype\n)Rq\x00\x85h\x00)b\x86."
+    error, _ = _parse_timed(data)
+    assert "not a fresh object" in str(error)
+
+
+def test_parser_describes_objects_by_a_bounded_excerpt():
+    long_name = b"m" * 5000
+    root = b"\x80\x02c" + long_name + b"\nx\n)\x86))\x86))\x86\x87."  # ((global, ()), ((), ()), ((), ()))
+    with pytest.raises(ValueError, match="expected a numpy array, found global 'mmm") as info:
+        parse_mnist_pickle(root, source="capped.pkl")
+    assert len(str(info.value)) < 300
+
+
+def test_parser_error_messages_are_capped(monkeypatch):
+    def fail(data):
+        raise ValueError("a reason " * 1000)
+
+    monkeypatch.setattr(multimnist, "_walk_opcodes", fail)
+    with pytest.raises(ValueError, match=r"^capped.pkl is not a valid MNIST pickle: a reason") as info:
+        parse_mnist_pickle(b".", source="capped.pkl")
+    assert len(str(info.value)) < 500 and str(info.value).endswith("...")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Composition
 # ----------------------------------------------------------------------------------------------------------------------
