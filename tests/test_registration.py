@@ -46,3 +46,20 @@ def test_fresh_interpreter_registration(before):
         """
     )
     assert out.strip().endswith("ok")
+
+
+def test_import_stays_light():
+    """`import peft_palora` registers the tuner and imports nothing of the plotting, data or example stack."""
+    script = textwrap.dedent(
+        """
+        import sys, peft_palora
+        heavy = ("matplotlib", "datasets", "evaluate", "moocore", "pandas", "peft_palora.recipes",
+                 "peft_palora.multimnist", "peft_palora.plotting", "peft_palora.training", "peft_palora.hf_trainer",
+                 "peft_palora.multitask", "peft_palora.hub", "peft_palora.lora_interop", "peft_palora.cli")
+        print(sorted(m for m in sys.modules if m.split(".")[0] in heavy or m in heavy))
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                            check=True)  # fmt: skip
+    assert result.stdout.strip().splitlines()[-1] == "[]"
