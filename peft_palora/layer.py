@@ -13,7 +13,6 @@ the (batch, ..., T*r) hidden activations row by row. No Python loop runs over ta
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import Any
 
@@ -620,11 +619,12 @@ def dispatch_layer(target: nn.Module, adapter_name: str, conv_layout: str = "pef
     stores (in, out) (``fan_in_fan_out``), ``nn.Linear`` (out, in), whatever the config's ``fan_in_fan_out`` says.
     ``conv_layout`` picks the convolution adapter: ``"peft"`` (:class:`ConvNd`) or ``"paper"`` (:class:`PaperConvNd`).
     """
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if importlib.util.find_spec("bitsandbytes") is not None and _is_bnb_layer(base):
-        from .bnb import dispatch_bnb
+    from .bnb import dispatch_bnb  # bitsandbytes' layers subclass nn.Linear: match them first
 
-        return dispatch_bnb(target, adapter_name, **kwargs)
+    new_module = dispatch_bnb(target, adapter_name, **kwargs)
+    if new_module is not None:
+        return new_module
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, (nn.Linear, Conv1D)):
         return Linear(target, adapter_name, **kwargs)
     if isinstance(base, nn.Embedding):
@@ -633,7 +633,3 @@ def dispatch_layer(target: nn.Module, adapter_name: str, conv_layout: str = "pef
         return (PaperConvNd if conv_layout == "paper" else ConvNd)(target, adapter_name, **kwargs)
     return None
 
-
-def _is_bnb_layer(module: nn.Module) -> bool:
-    # By module path, so that bitsandbytes is imported only when the model already uses it.
-    return type(module).__module__.startswith("bitsandbytes.")

@@ -82,6 +82,10 @@ class PaLoRAModel(BaseTuner):
             "init_weights": palora_config.init_weights,
             "preference_state": self._preference_state(adapter_name, palora_config),
         }
+        if palora_config.train_base_weights:
+            from .bnb import check_base_weights_trainable
+
+            check_base_weights_trainable(target, current_key)  # quantised weights cannot train
         if isinstance(target, PaLoRALayer):
             target.update_layer(adapter_name, **kwargs)
             return
@@ -89,7 +93,8 @@ class PaLoRAModel(BaseTuner):
         if new_module is None:
             raise TypeError(
                 f"Target module '{current_key}' ({type(target).__name__}) is not supported by PaLoRA. Supported: "
-                "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv1d/2d/3d."
+                "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, bitsandbytes' "
+                "Linear4bit and Linear8bitLt."
             )
         new_module.batch_dim = _batch_dim_of(self.model, current_key)
         if adapter_name not in self.active_adapters:
@@ -246,6 +251,9 @@ class PaLoRAModel(BaseTuner):
     # ---- merging ------------------------------------------------------------------------------------------------
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
+        from .bnb import check_merge_allowed
+
+        check_merge_allowed(self.model)  # 4-bit bases refuse before any layer is merged
         for name in self._target_adapters(None):
             value = self._preference_states[name].value
             if value.dim() == 2:
