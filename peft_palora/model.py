@@ -254,6 +254,7 @@ class PaLoRAModel(BaseTuner):
         from .bnb import check_merge_allowed
 
         check_merge_allowed(self.model)  # 4-bit bases refuse before any layer is merged
+        _check_no_tied_targets(self.model)
         for name in self._target_adapters(None):
             value = self._preference_states[name].value
             if value.dim() == 2:
@@ -303,6 +304,25 @@ class PaLoRAModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         _check_bundle_matches_model(model, config, adapter_name, remapped)
         return remapped
+
+
+def _check_no_tied_targets(model: nn.Module) -> None:
+    """Refuse to merge into a weight another module shares (e.g. an input embedding tied to the output head):
+    the merge would change that module too, so the merged model would not equal the unmerged one."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for name, module in model.named_modules():
+        if isinstance(module, PaLoRALayer):
+            names = owners.get(id(module.get_base_layer().weight), [])
+            others = [other for other in names if not other.startswith(f"{name}.")]
+            if others:
+                raise ValueError(
+                    f"Cannot merge into '{name}': its weight is tied to {others} (e.g. tie_word_embeddings=True), "
+                    "so merging would change those modules too. Serve the adapters unmerged, export the trade-off "
+                    "with `export_lora(...)`, or untie the weights before adapting (e.g. load the model with "
+                    "`tie_word_embeddings=False`)."
+                )
 
 
 def _is_wrapped_copy_bias(key: str) -> bool:
@@ -393,9 +413,17 @@ def _check_bundle_matches_model(model: nn.Module, config: PaLoRAConfig, adapter_
             f"the weights'): {_short_list(unexpected)}"
         )
     # What the config says the bundle holds: nothing else may overwrite the base model.
+    # PEFT saves the full table of a targeted embedding (`save_embedding_layers="auto"`, for resized vocabularies):
+    # declared by PEFT's own convention, as for LoRA.
+    embedding_tables = {
+        f"{name.removeprefix('_fsdp_wrapped_module.')}.base_layer.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, PaLoRALayer) and isinstance(module.get_base_layer(), nn.Embedding)
+    }
     foreign = sorted(
         key for key in given
-        if key in model_state and key not in expected and not _allowed_extra_key(key, config, adapter_name)
+        if key in model_state and key not in expected | embedding_tables
+        and not _allowed_extra_key(key, config, adapter_name)
     )
     if foreign:
         problems.append(
