@@ -25,6 +25,11 @@ _LAZY = {
     "PaLoRATrainer": "training",
     "PaLoRATrainingArguments": "training",
     "PaLoRAHFTrainer": "hf_trainer",
+    "PaLoRAHFTrainingArguments": "hf_trainer",
+    "FrontEvaluationCallback": "hf_trainer",
+    "PaLoRAArguments": "window",
+    "PreferenceWindow": "window",
+    "MergedMultiTaskModel": "multitask",
     "from_lora_adapters": "lora_interop",
 }
 
@@ -36,6 +41,11 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "FrontEvaluationCallback",
+    "MergedMultiTaskModel",
+    "PaLoRAArguments",
+    "PaLoRAHFTrainingArguments",
+    "PreferenceWindow",
     "MultiTaskModel",
     "PaLoRAConfig",
     "PaLoRAHFTrainer",

@@ -1,24 +1,58 @@
 """PaLoRA inside ``transformers.Trainer``, for users who already train that way.
 
-:class:`PaLoRAHFTrainer` is a ``Trainer`` whose loss is PaLoRA's: at every step it draws a window of preferences at
-``progress = global_step / max_steps``, runs the window (one batched forward by default) and returns the
-multi-task objective. Its optimizer gives the task adapters ``T`` times the learning rate. Everything else
-(accumulation, mixed precision, checkpoints, logging, distributed training) is the Trainer's own.
+:class:`PaLoRAHFTrainer` is a ``Trainer`` for a :class:`~peft_palora.multitask.MultiTaskModel`:
+
+* its loss is PaLoRA's, computed by the same :class:`~peft_palora.window.PreferenceWindow` as the Accelerate
+  trainer's (same schedule, same sampler step, same default objective, same :class:`PaLoRAArguments` fields);
+* its optimizer gives the task adapters ``T`` times the learning rate;
+* ``remove_unused_columns`` works: the columns the backbone's ``forward`` accepts and the label columns are kept,
+  the rest (the raw text, say) is dropped, so ``dataset.map(tokenize)`` + ``processing_class=tokenizer`` just works;
+* ``evaluate()`` returns each task's loss and metrics (accuracy by default) at the preference in force, plus
+  ``eval_loss`` (their preference-weighted sum);
+* checkpoints hold the adapter bundle, the heads and any other trainable tensor -- not the frozen base model --
+  and resuming refuses a run whose PaLoRA-defining arguments changed;
+* :class:`FrontEvaluationCallback` evaluates the front over a preference grid at every evaluation and logs its
+  hypervolume.
+
+Everything else (accumulation, mixed precision, logging, distributed training) is the Trainer's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ._atomic import atomic_write_text
 from .multitask import MultiTaskModel
 from .objectives import MultiTaskObjective
-from .preferences import AnnealedGridSampler, PreferenceSampler
-from .training import LossFn, resolve_window_mode, window_task_losses
+from .preferences import PreferenceSampler, simplex_grid
+from .training import MetricFn, accuracy, evaluate_multitask
+from .window import LossFn, PaLoRAArguments, PreferenceWindow, check_palora_arguments, check_same_run, window_step
+
+logger = logging.getLogger(__name__)
+
+RUN_DEFINITION_NAME = "palora_run.json"
+EXTRA_TRAINABLE_NAME = "trainable_extra.safetensors"
+_PALORA_FIELDS = tuple(f.name for f in fields(PaLoRAArguments))
+
+
+@dataclass
+class PaLoRAHFTrainingArguments(TrainingArguments, PaLoRAArguments):
+    """``transformers.TrainingArguments`` plus the PaLoRA fields of :class:`~peft_palora.window.PaLoRAArguments`
+    (window, schedule, objective, adapter learning rate, front grid), read by ``HfArgumentParser`` like any other.
+    """
+
+    def __post_init__(self) -> None:
+        TrainingArguments.__post_init__(self)
+        check_palora_arguments(self)
 
 
 class PaLoRAHFTrainer(Trainer):
@@ -27,53 +61,75 @@ class PaLoRAHFTrainer(Trainer):
     Args:
         preference_sampler: rays per step; default ``AnnealedGridSampler(T, window_size, sampler_mul,
             sampler_epsilon)``.
-        window_size: preferences per step when no sampler is given.
-        sampler_mul, sampler_epsilon: the default sampler's schedule.
         loss_fns: ``{task: loss_fn(logits, labels)}``; cross-entropy by default.
-        objective: a :class:`~peft_palora.objectives.MultiTaskObjective` (plain linear scalarisation by default).
-        window_mode: ``"auto"``, ``"batched"`` or ``"sequential"`` (see :func:`~peft_palora.training.window_task_losses`).
-        adapter_lr_multiplier: adapters learn at ``learning_rate`` times this; default the number of tasks.
+        metric_fns: ``{name: fn(logits, labels)}`` reported per task by :meth:`evaluate`; accuracy by default.
+        objective: a :class:`~peft_palora.objectives.MultiTaskObjective`; default one built from the ``balancing``
+            and ``consistency_*`` arguments (plain linear scalarisation), as in the Accelerate trainer.
+        **kwargs: the ``Trainer``'s own arguments, and any field of :class:`~peft_palora.window.PaLoRAArguments`
+            (``window_size``, ``window_mode``, ``sampler_mul``, ``sampler_epsilon``, ``balancing``,
+            ``consistency_weight``, ``consistency_temperature``, ``adapter_lr_multiplier``, ``eval_points_per_side``,
+            ``allow_changed_arguments``). Those are read from ``args`` when it is a
+            :class:`PaLoRAHFTrainingArguments`; a keyword given here overrides it.
 
-    The batches must carry the model inputs and the label columns named by ``model.label_columns``; the Trainer's
-    ``remove_unused_columns`` cannot see through ``MultiTaskModel.forward(**batch)`` and is switched off.
+    The batches must carry the backbone's inputs and the label columns named by ``model.label_columns``.
     """
 
     def __init__(
         self,
         *args: Any,
         preference_sampler: PreferenceSampler | None = None,
-        window_size: int = 4,
-        sampler_mul: float = 5.0,
-        sampler_epsilon: float = 0.01,
         loss_fns: Mapping[str, LossFn] | None = None,
+        metric_fns: Mapping[str, MetricFn] | None = None,
         objective: MultiTaskObjective | None = None,
-        window_mode: str = "auto",
-        adapter_lr_multiplier: float | None = None,
         **kwargs: Any,
     ):
+        overrides = {name: kwargs.pop(name) for name in _PALORA_FIELDS if name in kwargs}
         super().__init__(*args, **kwargs)
         model = self.model
         if not isinstance(model, MultiTaskModel):
             raise TypeError(f"PaLoRAHFTrainer needs a MultiTaskModel, got {type(model).__name__}.")
         if set(model.label_columns) != set(model.task_names):
             raise ValueError(f"`model.label_columns` must name every task {model.task_names}.")
-        self.args.remove_unused_columns = False
+        defaults = {name: getattr(self.args, name) for name in _PALORA_FIELDS if hasattr(self.args, name)}
+        self.palora_args = PaLoRAArguments(**{**defaults, **overrides})
         self.task_names = model.task_names
-        self.preference_sampler = preference_sampler or AnnealedGridSampler(
-            model.num_tasks, num_rays=window_size, mul=sampler_mul, epsilon=sampler_epsilon
+        # sampling, expanding and combining: the same object as in the Accelerate trainer
+        self.window = PreferenceWindow.from_arguments(
+            self.palora_args, model, preference_sampler=preference_sampler, objective=objective, loss_fns=loss_fns
         )
-        if self.preference_sampler.num_tasks != model.num_tasks:
-            raise ValueError(
-                f"`preference_sampler` draws {self.preference_sampler.num_tasks} tasks, the model has {model.num_tasks}."
-            )
-        self.loss_fns = dict(loss_fns) if loss_fns is not None else {task: F.cross_entropy for task in self.task_names}
-        missing = sorted(set(self.task_names) - set(self.loss_fns))
-        if missing:
-            raise ValueError(f"`loss_fns` has no loss for tasks {missing}.")
-        self.objective = objective or MultiTaskObjective(model.num_tasks)
-        self.window_mode = resolve_window_mode(window_mode, model)
-        self.adapter_lr_multiplier = adapter_lr_multiplier
+        self.preference_sampler = self.window.sampler
+        self.objective = self.window.objective
+        self.loss_fns = self.window.loss_fns
+        self.window_mode = self.window.mode
+        self.adapter_lr_multiplier = self.palora_args.adapter_lr_multiplier
+        self.metric_fns = dict(metric_fns) if metric_fns is not None else {"accuracy": accuracy}
+        for key, function in self.metric_fns.items():
+            if not callable(function):
+                raise TypeError(f"`metric_fns[{key!r}]` must be callable, got {type(function).__name__}.")
+        if self.args.label_names is None:
+            self.label_names = list(model.label_columns.values())
+        # PaLoRA's loss is a mean per micro-batch: the Trainer must divide it by the accumulation steps itself
+        self.model_accepts_loss_kwargs = False
+        self._window_position = (-1, 0)  # (global step, micro-batches of it already run)
 
+    # ---- columns ------------------------------------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep what the backbone's ``forward`` accepts plus the label columns (``MultiTaskModel.forward(**batch)``
+        hides both from the Trainer's own inspection)."""
+        if self._signature_columns is None:
+            import inspect
+
+            base = self.accelerator.unwrap_model(self.model).get_base_model()
+            parameters = inspect.signature(base.forward).parameters
+            columns = [
+                name
+                for name, parameter in parameters.items()
+                if parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+            ]
+            labels = list(self.accelerator.unwrap_model(self.model).label_columns.values())
+            self._signature_columns = list(dict.fromkeys(columns + labels + list(self.label_names)))
+
+    # ---- optimisation -------------------------------------------------------------------------------------------
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """AdamW over ``peft_palora.adapter_param_groups``: adapters at ``lr * T``, the rest at ``lr``."""
         if self.optimizer is None:
@@ -90,11 +146,23 @@ class PaLoRAHFTrainer(Trainer):
             )
         return self.optimizer
 
+    def _sampler_step(self) -> int:
+        global_step, index = self._window_position
+        if global_step != self.state.global_step:
+            global_step, index = self.state.global_step, 0
+        return window_step(global_step, index, self.args.gradient_accumulation_steps)
+
     def current_preferences(self) -> torch.Tensor:
-        """The window for the current step: a pure function of ``(global_step, max_steps)``."""
-        max_steps = max(int(self.state.max_steps or 0), 1)
-        progress = min(self.state.global_step / max_steps, 1.0)
-        return self.preference_sampler.sample(progress, step=self.state.global_step)
+        """The window of the current micro-batch: a pure function of ``(global_step, max_steps, micro-batch)``."""
+        return self.window.preferences(self.state.global_step, self.state.max_steps or 0, self._sampler_step())
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        global_step, index = self._window_position
+        self._window_position = (
+            (global_step, index + 1) if global_step == self.state.global_step else (self.state.global_step, 1)
+        )
+        return loss
 
     def compute_loss(
         self,
@@ -103,21 +171,275 @@ class PaLoRAHFTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ):
-        unwrapped = self.accelerator.unwrap_model(model)
-        preferences = self.current_preferences().to(device=self.args.device, dtype=torch.float32)
-        task_losses = window_task_losses(
+        """The multi-task objective of the window (:meth:`PreferenceWindow.step`)."""
+        output, preferences = self.window.step(
             model,
-            unwrapped.model_inputs(inputs),
-            unwrapped.labels(inputs),
-            preferences,
-            self.loss_fns,
-            self.task_names,
-            mode=self.window_mode,
+            inputs,
+            self.state.global_step,
+            self.state.max_steps or 0,
+            self._sampler_step(),
+            unwrapped=self.accelerator.unwrap_model(model),
+            device=self.args.device,
+            reduce_fn=self._reduce_mean if self.accelerator.num_processes > 1 else None,
         )
-        shared = None
-        if self.objective.needs_shared_parameters:
-            shared = [parameter for parameter in unwrapped.backbone.parameters() if parameter.requires_grad]
-        output = self.objective(task_losses, preferences, shared_parameters=shared)
         if return_outputs:
             return output.loss, {"task_losses": output.task_losses, "preferences": preferences}
         return output.loss
+
+    def _reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        # keeps the loss balancer's running averages identical on every process, as in the Accelerate trainer
+        return self.accelerator.reduce(tensor.to(self.args.device), reduction="mean")
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+        preference: Any = None,
+    ) -> dict[str, float]:
+        """Each task's loss and metrics on the eval set at ``preference`` (default: the one in force).
+
+        Returns ``{<prefix>_<task>_loss, <prefix>_<task>_<metric>, <prefix>_loss, ...}``, where ``<prefix>_loss``
+        is the preference-weighted sum of the task losses, so ``metric_for_best_model="loss"`` and early stopping
+        work. The callbacks (e.g. :class:`FrontEvaluationCallback`) see the metrics before they are logged and may
+        add to them.
+        """
+        override = eval_dataset is not None
+        eval_dataset = eval_dataset if override else self.eval_dataset
+        if isinstance(eval_dataset, dict):
+            metrics = {}
+            for name, dataset in eval_dataset.items():
+                metrics.update(
+                    self.evaluate(
+                        eval_dataset=dataset if override else name,
+                        ignore_keys=ignore_keys,
+                        metric_key_prefix=f"{metric_key_prefix}_{name}",
+                        preference=preference,
+                    )
+                )
+            return metrics
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.accelerator.unwrap_model(self.model)
+        start = time.time()
+        was_training = model.training
+        model.eval()
+        try:
+            raw = evaluate_multitask(
+                model,
+                _Prepared(self, dataloader),
+                preference=preference,
+                loss_fns=self.loss_fns,
+                metric_fns=self.metric_fns,
+                gather=self.accelerator.gather_for_metrics,
+                unwrapped=model,
+            )
+        finally:
+            model.train(was_training)
+        weights = _weights_for_loss(model, preference)
+        metrics = {f"{metric_key_prefix}_{key}": value for key, value in raw.items()}
+        task_losses = [raw[f"{task}_loss"] for task in self.task_names]
+        metrics[f"{metric_key_prefix}_loss"] = (
+            float(sum(w * loss for w, loss in zip(weights, task_losses)))
+            if weights is not None
+            else float(sum(task_losses) / len(task_losses))
+        )
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        if self.state.epoch is not None:
+            metrics["epoch"] = self.state.epoch
+        self.callback_handler.eval_dataloader = dataloader
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self.log(metrics)
+        return metrics
+
+    def evaluate_front(self, preferences: Any = None, eval_dataset: Any = None):
+        """The front over ``preferences`` (default ``simplex_grid(T, eval_points_per_side)``) on the eval set, one
+        forward per batch for the whole grid: ``pref_<task>`` columns, then ``<task>_accuracy`` and ``<task>_loss``
+        computed from the ``label_columns`` (see :meth:`MultiTaskModel.per_sample_metrics`)."""
+        from .pareto import evaluate_front_batched
+
+        if preferences is None:
+            preferences = simplex_grid(len(self.task_names), self.palora_args.eval_points_per_side)
+        model = self.accelerator.unwrap_model(self.model)
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        was_training = model.training
+        model.eval()
+        try:
+            return evaluate_front_batched(
+                model, preferences, _Prepared(self, dataloader), model.per_sample_metrics, task_names=self.task_names
+            )
+        finally:
+            model.train(was_training)
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def run_definition(self) -> dict[str, Any]:
+        """What defines this run (the PaLoRA window and the optimisation settings), stored in every checkpoint as
+        ``palora_run.json`` and compared when resuming."""
+        args = self.args
+        try:
+            dataset_size = len(self.train_dataset) if self.train_dataset is not None else None
+        except TypeError:
+            dataset_size = None
+        return {
+            "format": 1,
+            **self.window.describe(),
+            "max_steps": args.max_steps,
+            "num_train_epochs": args.num_train_epochs,
+            "learning_rate": args.learning_rate,
+            "adapter_lr_multiplier": self.adapter_lr_multiplier,
+            "weight_decay": args.weight_decay,
+            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "warmup_steps": args.warmup_steps,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "max_grad_norm": args.max_grad_norm,
+            "seed": args.seed,
+            "world_size": args.world_size,
+            "dataset_size": dataset_size,
+        }
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save what training changes: the adapter bundle, the heads, any other trainable tensor
+        (``trainable_extra.safetensors``), the tokenizer and the run definition -- not the frozen base model."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_trainable(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        atomic_write_text(os.path.join(output_dir, RUN_DEFINITION_NAME), json.dumps(self.run_definition(), indent=2))
+        atomic_write_text(os.path.join(output_dir, "training_args.json"), self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        target.load_trainable(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info(
+            "Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric
+        )
+        self.accelerator.unwrap_model(self.model).load_trainable(self.state.best_model_checkpoint)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; when resuming, first refuses a checkpoint saved by a run whose definition
+        (:meth:`run_definition`) differs, naming the changed fields, unless ``allow_changed_arguments``."""
+        path = resume_from_checkpoint
+        if path is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            path = get_last_checkpoint(self.args.output_dir)
+            if path is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            resume_from_checkpoint = path
+        if isinstance(path, str):
+            definition = os.path.join(path, RUN_DEFINITION_NAME)
+            if os.path.isfile(definition):
+                with open(definition, encoding="utf-8") as handle:
+                    stored = json.load(handle)
+                current = json.loads(json.dumps(self.run_definition()))
+                check_same_run(stored, current, path, self.palora_args.allow_changed_arguments, logger)
+        self._window_position = (-1, 0)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+class _Prepared:
+    """Iterate a dataloader with the Trainer's ``_prepare_inputs`` (device placement) applied to every batch."""
+
+    def __init__(self, trainer: Trainer, dataloader: Any):
+        self.trainer, self.dataloader = trainer, dataloader
+
+    def __iter__(self):
+        for batch in self.dataloader:
+            yield self.trainer._prepare_inputs(batch)
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+
+def _weights_for_loss(model: MultiTaskModel, preference: Any) -> list[float] | None:
+    """The ``(T,)`` preference the eval loss is weighted with, or None when it is per-sample."""
+    if preference is None:
+        value = model.get_preference()
+    else:
+        from .preferences import validate_preference
+
+        value = validate_preference(preference, model.num_tasks, task_names=model.task_names)
+    value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    if value.dim() != 1:
+        return None
+    return value.tolist()
+
+
+class FrontEvaluationCallback(TrainerCallback):
+    """At every evaluation of a :class:`PaLoRAHFTrainer`, evaluate the front over a preference grid and log its
+    hypervolume as ``eval_front_hypervolume``.
+
+    The per-sample metrics come from the model's ``label_columns`` (:meth:`MultiTaskModel.per_sample_metrics`:
+    accuracy and loss per task), and the whole grid runs in one forward per batch
+    (:func:`~peft_palora.pareto.evaluate_front_batched`).
+
+    Args:
+        preferences: the ``(P, T)`` grid; default ``simplex_grid(T, points_per_side)``.
+        points_per_side: the default grid's resolution (default: the trainer's ``eval_points_per_side``, 11).
+        metric: ``"accuracy"`` (maximised, reference 0 by default) or ``"loss"`` (minimised; give ``reference``).
+        reference: the hypervolume's reference point, one value per task.
+
+    Attributes:
+        fronts: ``{global_step: table}`` of every front evaluated (pandas DataFrames).
+    """
+
+    def __init__(
+        self,
+        preferences: Any = None,
+        points_per_side: int | None = None,
+        metric: str = "accuracy",
+        reference: Sequence[float] | None = None,
+    ):
+        if metric not in ("accuracy", "loss"):
+            raise ValueError(f"`metric` must be 'accuracy' or 'loss', got {metric!r}.")
+        if metric == "loss" and reference is None:
+            raise ValueError('`metric="loss"` needs a `reference` point (the worst loss per task worth counting).')
+        if points_per_side is not None and (not isinstance(points_per_side, int) or points_per_side < 2):
+            raise ValueError(f"`points_per_side` must be an int >= 2, got {points_per_side!r}.")
+        self.preferences = preferences
+        self.points_per_side = points_per_side
+        self.metric = metric
+        self.reference = None if reference is None else [float(value) for value in reference]
+        self.fronts: dict[int, Any] = {}
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None, **kwargs):
+        from .pareto import evaluate_front_batched, hypervolume
+
+        if not isinstance(model, MultiTaskModel):
+            raise TypeError(f"FrontEvaluationCallback needs a MultiTaskModel, got {type(model).__name__}.")
+        if eval_dataloader is None:
+            raise ValueError("FrontEvaluationCallback needs an eval dataset (`eval_dataset=` of the Trainer).")
+        task_names = model.task_names
+        preferences = self.preferences
+        if preferences is None:
+            points = self.points_per_side or getattr(args, "eval_points_per_side", None) or 11
+            preferences = simplex_grid(len(task_names), points)
+        device = next(model.parameters()).device
+        batches = ({key: _to(value, device) for key, value in batch.items()} for batch in eval_dataloader)
+        was_training = model.training
+        model.eval()
+        try:
+            front = evaluate_front_batched(
+                model, preferences, batches, model.per_sample_metrics, task_names=task_names
+            )
+        finally:
+            model.train(was_training)
+        columns = [f"{task}_{self.metric}" for task in task_names]
+        maximize = self.metric == "accuracy"
+        reference = self.reference if self.reference is not None else [0.0] * len(task_names)
+        volume = float(hypervolume(front[columns].to_numpy(dtype=float), reference=reference, maximize=maximize))
+        self.fronts[state.global_step] = front
+        if metrics is not None:
+            metrics["eval_front_hypervolume"] = volume
+        return control
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value

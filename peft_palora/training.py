@@ -2,26 +2,28 @@
 
 :class:`PaLoRATrainer` runs the paper's recipe on any :class:`~peft_palora.multitask.MultiTaskModel`:
 
-* every optimisation step draws a window of ``m`` preferences from a sampler at ``progress = step / total_steps``
-  (by default the deterministic :class:`~peft_palora.preferences.AnnealedGridSampler`), so every process of a
-  data-parallel run and every resumed run computes the very same preferences without communicating;
-* the window runs as one forward over the batch repeated ``m`` times with one preference per sample
-  (:func:`window_task_losses`), or as ``m`` forwards for models where batching changes the result (batch norm);
-* the ``(m, T)`` task losses go through a :class:`~peft_palora.objectives.MultiTaskObjective`;
+* every micro-batch is trained by :class:`~peft_palora.window.PreferenceWindow` -- the same object the
+  ``transformers.Trainer`` integration uses: a window of ``m`` preferences drawn at
+  ``progress = step / total_steps`` (by default the deterministic
+  :class:`~peft_palora.preferences.AnnealedGridSampler`), run as one forward over the batch repeated ``m`` times
+  with one preference per sample (or ``m`` forwards for models with batch norm), the ``(m, T)`` task losses
+  combined by a :class:`~peft_palora.objectives.MultiTaskObjective`. Every process of a data-parallel run and every
+  resumed run computes the very same preferences without communicating;
 * the task adapters learn at ``T`` times the base learning rate (``peft_palora.adapter_param_groups``);
 * gradient accumulation, mixed precision (where the hardware has it), gradient clipping, trackers, checkpoints
-  every N steps (``accelerator.save_state``) and exact resumption, data order included;
+  every N steps (``accelerator.save_state``, swapped in as a whole) and exact resumption, data order included; a
+  resume whose arguments would change the run is refused, naming the changed fields;
 * at the end, the model is evaluated over a grid of preferences (:func:`peft_palora.pareto.evaluate_front`) and
   :func:`write_front_report` writes the per-preference metrics, the hypervolume and a plot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
-import numbers
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -35,95 +37,96 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._atomic import atomic_write_text
-from .multitask import MultiTaskModel, repeat_batch
-from .objectives import BALANCING_CHOICES, MultiTaskObjective, ObjectiveOutput
-from .preferences import AnnealedGridSampler, PreferenceSampler, simplex_grid
+from ._atomic import atomic_directory, atomic_write_text
+from .multitask import MultiTaskModel
+from .objectives import MultiTaskObjective, ObjectiveOutput
+from .preferences import PreferenceSampler, simplex_grid
+from .window import (  # noqa: F401  (re-exported: the window used to live here)
+    WINDOW_MODES,
+    LossFn,
+    PaLoRAArguments,
+    PreferenceWindow,
+    check_int_argument,
+    check_real_argument,
+    check_same_run,
+    has_batch_norm,
+    resolve_window_mode,
+    window_step,
+    window_task_losses,
+)
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
-WINDOW_MODES = ("auto", "batched", "sequential")
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------------
-@dataclass
-class PaLoRATrainingArguments:
-    """Training settings; the names follow ``transformers.TrainingArguments`` where they mean the same thing."""
+def _like_transformers(name: str, default: Any, help: str | None = None) -> Any:
+    """A field that means what ``transformers.TrainingArguments.<name>`` means: its help text, our default."""
+    from transformers import TrainingArguments
 
-    output_dir: str = field(default="outputs/palora", metadata={"help": "Where checkpoints and results are written."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the base weights and the heads."})
-    adapter_lr_multiplier: float | None = field(
-        default=None, metadata={"help": "Adapters learn at learning_rate times this; default: the number of tasks."}
+    source = TrainingArguments.__dataclass_fields__[name].metadata.get("help", "")
+    return field(default=default, metadata={"help": help or source})
+
+
+@dataclass
+class PaLoRATrainingArguments(PaLoRAArguments):
+    """Settings of :class:`PaLoRATrainer`: the PaLoRA fields of :class:`~peft_palora.window.PaLoRAArguments` (shared
+    with the ``transformers.Trainer`` integration) plus the loop's own.
+
+    The loop fields carry the names and help texts of ``transformers.TrainingArguments`` where they mean the same
+    thing; the defaults suit adapter training (``learning_rate=1e-3``, ``logging_steps=10``, no trackers).
+    """
+
+    output_dir: str = _like_transformers("output_dir", "outputs/palora")
+    learning_rate: float = _like_transformers(
+        "learning_rate", 1e-3, "Learning rate of the base weights and the heads (the adapters get it times T)."
     )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_steps: int = field(default=-1, metadata={"help": "Optimisation steps; > 0 overrides num_train_epochs."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs, when max_steps <= 0."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimisation step."})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (None or 0: off)."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers scheduler name."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    weight_decay: float = _like_transformers("weight_decay", 0.0, "AdamW weight decay.")
+    max_steps: int = _like_transformers("max_steps", -1)
+    num_train_epochs: float = _like_transformers("num_train_epochs", 1.0)
+    gradient_accumulation_steps: int = _like_transformers("gradient_accumulation_steps", 1)
+    max_grad_norm: float | None = _like_transformers("max_grad_norm", 1.0, "Gradient clipping norm (None or 0: off).")
+    lr_scheduler_type: str = _like_transformers("lr_scheduler_type", "linear")
+    warmup_steps: int = _like_transformers("warmup_steps", 0, "Linear warm-up steps.")
     mixed_precision: str = field(
         default="auto", metadata={"help": "auto (bf16/fp16 on a GPU that has it, else no), no, fp16 or bf16."}
     )
-    window_size: int = field(default=4, metadata={"help": "Preferences per step (the paper's `num`)."})
-    window_mode: str = field(
-        default="auto",
-        metadata={
-            "help": "batched (one forward over the repeated batch), sequential, or auto (batched unless the "
-            "model has batch norm)."
-        },
-    )
-    sampler_mul: float = field(default=5.0, metadata={"help": "Annealing exponent of the preference schedule."})
-    sampler_epsilon: float = field(default=0.01, metadata={"help": "Margin of the schedule's rays from the vertices."})
-    balancing: str = field(default="none", metadata={"help": "Task balancing: none, loss or gradient."})
-    consistency_weight: float = field(
-        default=0.0, metadata={"help": "Weight of the consistency regulariser (0: off)."}
-    )
-    consistency_temperature: float = field(default=1.0, metadata={"help": "Temperature of the consistency term."})
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save a checkpoint every N steps."})
-    logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
+    logging_steps: int = _like_transformers("logging_steps", 10, "Log every N steps.")
     report_to: str | None = field(
         default=None, metadata={"help": "Accelerate trackers (tensorboard, wandb, ..., all); none by default."}
     )
     project_name: str = field(default="palora", metadata={"help": "Tracker project name."})
-    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and dropout."})
-    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
-    use_cpu: bool = field(
-        default=False,
-        metadata={"help": "Train on the CPU even if an accelerator is present (always the case without one)."},
+    seed: int = _like_transformers("seed", 42, "Seed of initialisation, data order and dropout.")
+    disable_tqdm: bool = _like_transformers("disable_tqdm", False, "Hide the progress bar.")
+    use_cpu: bool = _like_transformers(
+        "use_cpu", False, "Train on the CPU even if an accelerator is present (always the case without one)."
     )
-    eval_points_per_side: int = field(default=11, metadata={"help": "Preference grid resolution of the final front."})
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={"help": "A checkpoint folder to resume from, or 'latest' for the newest in output_dir."},
     )
-    push_to_hub: bool = field(default=False, metadata={"help": "Publish the trained model to the Hub."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Repository id for push_to_hub."})
+    push_to_hub: bool = _like_transformers("push_to_hub", False, "Publish the trained model to the Hub.")
+    hub_model_id: str | None = _like_transformers("hub_model_id", None)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # Types first, so that a wrong one fails with a message naming the argument rather than deep in a comparison.
         for name, minimum in _INT_ARGUMENTS.items():
-            _check_int_argument(name, getattr(self, name), minimum)
+            check_int_argument(name, getattr(self, name), minimum, optional=name in _OPTIONAL_ARGUMENTS)
         for name, (minimum, inclusive) in _REAL_ARGUMENTS.items():
-            _check_real_argument(name, getattr(self, name), minimum, inclusive)
-        if self.window_mode not in WINDOW_MODES:
-            raise ValueError(f"`window_mode` must be one of {WINDOW_MODES}, got {self.window_mode!r}.")
+            check_real_argument(name, getattr(self, name), minimum, inclusive, optional=name in _OPTIONAL_ARGUMENTS)
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ValueError(
                 f"`mixed_precision` must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}."
             )
-        if self.balancing not in BALANCING_CHOICES:
-            raise ValueError(f"`balancing` must be one of {BALANCING_CHOICES}, got {self.balancing!r}.")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set `max_steps` > 0 or `num_train_epochs` > 0.")
-        if not self.sampler_epsilon < 0.5:
-            raise ValueError(f"`sampler_epsilon` must be in [0, 0.5) (at most 1/T), got {self.sampler_epsilon}.")
         if self.seed >= 2**32:
             raise ValueError(f"`seed` must be < 2**32 (numpy's seed range), got {self.seed}.")
         from transformers import SchedulerType
@@ -140,46 +143,18 @@ _INT_ARGUMENTS = {
     "max_steps": None,
     "gradient_accumulation_steps": 1,
     "warmup_steps": 0,
-    "window_size": 1,
     "checkpointing_steps": 1,
     "logging_steps": 1,
     "seed": 0,
-    "eval_points_per_side": 2,
 }
 # name -> (smallest allowed value, whether that value itself is allowed); every value must be finite
 _REAL_ARGUMENTS = {
     "learning_rate": (0.0, False),
-    "adapter_lr_multiplier": (0.0, False),
     "weight_decay": (0.0, True),
     "num_train_epochs": (0.0, True),
     "max_grad_norm": (0.0, True),
-    "sampler_mul": (0.0, True),
-    "sampler_epsilon": (0.0, True),
-    "consistency_weight": (0.0, True),
-    "consistency_temperature": (0.0, False),
 }
-_OPTIONAL_ARGUMENTS = ("checkpointing_steps", "adapter_lr_multiplier", "max_grad_norm")
-
-
-def _check_int_argument(name: str, value: Any, minimum: int | None) -> None:
-    if value is None and name in _OPTIONAL_ARGUMENTS:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
-    if minimum is not None and value < minimum:
-        suffix = " or None" if name in _OPTIONAL_ARGUMENTS else ""
-        raise ValueError(f"`{name}` must be >= {minimum}{suffix}, got {value}.")
-
-
-def _check_real_argument(name: str, value: Any, minimum: float, inclusive: bool) -> None:
-    if value is None and name in _OPTIONAL_ARGUMENTS:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r}).")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}.")
-    if value < minimum or (value == minimum and not inclusive):
-        raise ValueError(f"`{name}` must be {'>=' if inclusive else '>'} {minimum:g}, got {value}.")
+_OPTIONAL_ARGUMENTS = ("checkpointing_steps", "max_grad_norm")
 
 
 def _has_accelerator_device() -> bool:
@@ -201,67 +176,8 @@ def resolve_mixed_precision(choice: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The window of preferences
+# Evaluation
 # ---------------------------------------------------------------------------------------------------------------------
-def has_batch_norm(model: nn.Module) -> bool:
-    """Whether ``model`` holds batch norm, whose batch statistics would mix the preferences of a batched window."""
-    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
-
-
-def resolve_window_mode(mode: str, model: nn.Module) -> str:
-    if mode not in WINDOW_MODES:
-        raise ValueError(f"`window_mode` must be one of {WINDOW_MODES}, got {mode!r}.")
-    if mode == "auto":
-        return "sequential" if has_batch_norm(model) else "batched"
-    return mode
-
-
-def window_task_losses(
-    model: nn.Module,
-    inputs: Mapping[str, Any],
-    labels: Mapping[str, torch.Tensor],
-    preferences: torch.Tensor,
-    loss_fns: Mapping[str, LossFn],
-    task_names: Sequence[str],
-    mode: str = "batched",
-) -> torch.Tensor:
-    """The ``(m, T)`` matrix of task losses of one batch under a window of ``m`` preferences.
-
-    ``"batched"`` runs ONE forward: every input tensor is repeated ``m`` times (copy-major, so row ``k * B + b`` is
-    sample ``b``) and given the per-sample preferences ``preferences.repeat_interleave(B, 0)`` (row ``k * B + b`` is
-    ``preferences[k]``); the logits are then cut back into ``m`` blocks of ``B`` rows. ``"sequential"`` runs ``m``
-    forwards, one per preference. Both give the same losses (up to float rounding) for models whose samples do not
-    interact, and the batched one amortises the per-call overhead; models with batch norm need the sequential one.
-
-    Args:
-        model: a :class:`MultiTaskModel` (possibly wrapped by Accelerate/DDP) returning ``{task: logits}``.
-        inputs: the backbone's inputs (no label columns).
-        labels: ``{task: labels}`` for the ``B`` samples.
-        preferences: ``(m, T)``.
-        loss_fns: ``{task: loss_fn(logits, labels) -> scalar}``, each averaging over its samples.
-        task_names: the task order of the preference columns.
-    """
-    if preferences.dim() != 2 or preferences.shape[1] != len(task_names):
-        raise ValueError(f"`preferences` must have shape (m, {len(task_names)}), got {tuple(preferences.shape)}.")
-    num_rays = preferences.shape[0]
-    if mode == "batched":
-        repeated, batch_size = repeat_batch(inputs, num_rays)
-        per_sample = preferences.repeat_interleave(batch_size, dim=0)
-        outputs = model(**repeated, preference=per_sample)
-        columns = []
-        for task in task_names:
-            blocks = outputs[task].split(batch_size, dim=0)
-            columns.append(torch.stack([loss_fns[task](block, labels[task]) for block in blocks]))
-        return torch.stack(columns, dim=1)
-    if mode == "sequential":
-        rows = []
-        for preference in preferences:
-            outputs = model(**inputs, preference=preference)
-            rows.append(torch.stack([loss_fns[task](outputs[task], labels[task]) for task in task_names]))
-        return torch.stack(rows, dim=0)
-    raise ValueError(f"`mode` must be 'batched' or 'sequential', got {mode!r}.")
-
-
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose arg-max logit is the label."""
     return (logits.argmax(dim=-1) == labels).float().mean()
@@ -401,32 +317,18 @@ class PaLoRATrainer:
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         self.args = args
         self.task_names = model.task_names
-        num_tasks = model.num_tasks
-        self.loss_fns = dict(loss_fns) if loss_fns is not None else {task: F.cross_entropy for task in self.task_names}
-        missing = sorted(set(self.task_names) - set(self.loss_fns))
-        if missing:
-            raise ValueError(f"`loss_fns` has no loss for tasks {missing}.")
+        # sampling, expanding and combining: the same object as in the transformers.Trainer integration
+        self.window = PreferenceWindow.from_arguments(
+            args, model, preference_sampler=preference_sampler, objective=objective, loss_fns=loss_fns
+        )
+        self.loss_fns = self.window.loss_fns
+        self.preference_sampler = self.window.sampler
+        self.objective = self.window.objective
+        self.window_mode = self.window.mode
         self.metric_fns = dict(metric_fns) if metric_fns is not None else {"accuracy": accuracy}
-        for argument, functions in (("loss_fns", self.loss_fns), ("metric_fns", self.metric_fns)):
-            for key, function in functions.items():
-                if not callable(function):
-                    raise TypeError(f"`{argument}[{key!r}]` must be callable, got {type(function).__name__}.")
-        self.preference_sampler = preference_sampler or AnnealedGridSampler(
-            num_tasks, num_rays=args.window_size, mul=args.sampler_mul, epsilon=args.sampler_epsilon
-        )
-        if self.preference_sampler.num_tasks != num_tasks:
-            raise ValueError(
-                f"`preference_sampler` draws {self.preference_sampler.num_tasks} tasks, the model has {num_tasks}."
-            )
-        self.objective = objective or MultiTaskObjective(
-            num_tasks,
-            balancing=args.balancing,
-            consistency_weight=args.consistency_weight,
-            consistency_temperature=args.consistency_temperature,
-        )
-        if self.objective.num_tasks != num_tasks:
-            raise ValueError(f"`objective` is for {self.objective.num_tasks} tasks, the model has {num_tasks}.")
-        self.window_mode = resolve_window_mode(args.window_mode, model)
+        for key, function in self.metric_fns.items():
+            if not callable(function):
+                raise TypeError(f"`metric_fns[{key!r}]` must be callable, got {type(function).__name__}.")
 
         if accelerator is None:
             set_seed(args.seed)
@@ -468,6 +370,7 @@ class PaLoRATrainer:
 
         self.global_step = 0
         self.micro_step = 0
+        self._index_in_step = 0  # micro-batches of the current optimisation step already run
         self.epoch = 0
         self.batches_in_epoch = 0
         self.log_history: list[dict[str, float]] = []
@@ -489,25 +392,25 @@ class PaLoRATrainer:
             return tensor
         return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="mean")
 
-    def sample_preferences(self, global_step: int, micro_step: int) -> torch.Tensor:
-        """The window for a micro-batch: a pure function of the step, identical on every process."""
-        progress = min(global_step / self.max_steps, 1.0)
-        preferences = self.preference_sampler.sample(progress, step=micro_step)
-        return preferences.to(device=self.accelerator.device, dtype=torch.float32)
+    def sample_preferences(self, global_step: int, step: int) -> torch.Tensor:
+        """The window of optimisation step ``global_step`` for sampler step ``step`` (:func:`window_step`): a pure
+        function of the position in training, identical on every process."""
+        return self.window.preferences(global_step, self.max_steps, step).to(
+            device=self.accelerator.device, dtype=torch.float32
+        )
 
     # ---- one step -----------------------------------------------------------------------------------------------
-    def training_step(self, batch: Mapping[str, Any], preferences: torch.Tensor) -> ObjectiveOutput:
-        """Forward the window, compute the objective and back-propagate (no optimiser step)."""
-        unwrapped = self.unwrapped_model
-        inputs = unwrapped.model_inputs(batch)
-        labels = unwrapped.labels(batch)
-        task_losses = window_task_losses(
-            self.model, inputs, labels, preferences, self.loss_fns, self.task_names, mode=self.window_mode
-        )
-        output = self.objective(
-            task_losses,
-            preferences,
-            shared_parameters=self._shared_parameters() if self.objective.needs_shared_parameters else None,
+    def training_step(self, batch: Mapping[str, Any], step: int) -> ObjectiveOutput:
+        """Sample the window for sampler step ``step``, run it over ``batch``, combine the losses
+        (:meth:`PreferenceWindow.step`) and back-propagate (no optimiser step)."""
+        output, _ = self.window.step(
+            self.model,
+            batch,
+            self.global_step,
+            self.max_steps,
+            step,
+            unwrapped=self.unwrapped_model,
+            device=self.accelerator.device,
             reduce_fn=self._reduce_mean,
         )
         self.accelerator.backward(output.loss)
@@ -554,8 +457,8 @@ class PaLoRATrainer:
             for batch in dataloader:
                 with accelerator.accumulate(self.model):
                     set_seed(_step_seed(args.seed, self.micro_step, accelerator.process_index))
-                    preferences = self.sample_preferences(self.global_step, self.micro_step)
-                    output = self.training_step(batch, preferences)
+                    step = window_step(self.global_step, self._index_in_step, args.gradient_accumulation_steps)
+                    output = self.training_step(batch, step)
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
                     self.optimizer.step()
@@ -564,7 +467,9 @@ class PaLoRATrainer:
                 self.batches_in_epoch += 1
                 self._running.add(output)
                 if not accelerator.sync_gradients:
+                    self._index_in_step += 1
                     continue
+                self._index_in_step = 0
                 self.lr_scheduler.step()
                 self.global_step += 1
                 progress_bar.update(1)
@@ -658,6 +563,43 @@ class PaLoRATrainer:
         self.accelerator.wait_for_everyone()
         return output_dir
 
+    def run_definition(self) -> dict[str, Any]:
+        """What defines this run, JSON-ready: stored in every checkpoint and compared when resuming.
+
+        Two runs with the same definition, the same initial weights and the same data make the same updates; a
+        resumed run whose definition differs from its checkpoint's would not continue the uninterrupted one.
+        """
+        args = self.args
+        dataset = getattr(self.train_dataloader, "dataset", None)
+        try:
+            dataset_size = len(dataset) if dataset is not None else None
+        except TypeError:  # an iterable dataset
+            dataset_size = None
+        groups = []
+        for group in self.optimizer.param_groups:
+            hyper = {key: value for key, value in group.items() if key not in ("params", "lr")}
+            hyper["initial_lr"] = group.get("initial_lr", group.get("lr"))
+            hyper["num_parameters"] = sum(parameter.numel() for parameter in group["params"])
+            groups.append(_json_ready(hyper))
+        return {
+            "format": 1,
+            **self.window.describe(),
+            "max_steps": self.max_steps,
+            "learning_rate": args.learning_rate,
+            "adapter_lr_multiplier": args.adapter_lr_multiplier,
+            "weight_decay": args.weight_decay,
+            "lr_scheduler_type": args.lr_scheduler_type,
+            "warmup_steps": args.warmup_steps,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "max_grad_norm": args.max_grad_norm,
+            "mixed_precision": self.accelerator.mixed_precision,
+            "seed": args.seed,
+            "num_processes": self.accelerator.num_processes,
+            "dataset_size": dataset_size,
+            "batches_per_epoch": len(self.train_dataloader),
+            "optimizer": {"type": type(_unwrap_optimizer(self.optimizer)).__name__, "param_groups": groups},
+        }
+
     def _trainer_state(self, running_stats: dict[str, Any]) -> dict[str, Any]:
         objective_state = self.objective.state_dict()["loss_balancer"]
         return {
@@ -666,6 +608,7 @@ class PaLoRATrainer:
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
             "max_steps": self.max_steps,
+            "run": self.run_definition(),
             "objective": {
                 "running_mean": [float(value) for value in objective_state["running_mean"].tolist()],
                 "num_updates": int(objective_state["num_updates"]),
@@ -677,34 +620,85 @@ class PaLoRATrainer:
         }
 
     def save_checkpoint(self, path: str | None = None) -> str:
-        """``accelerator.save_state`` (model, optimizer, scheduler, RNG) plus ``trainer_state.json``."""
+        """``accelerator.save_state`` (model, optimizer, scheduler, RNG) plus ``trainer_state.json``, as one unit.
+
+        Everything is written into a staging folder beside ``path`` (``atomic_directory``), which then replaces
+        ``path`` as a whole: a crash at any instant leaves either the previous ``checkpoint-N`` (or none) or the
+        complete new one, never a mix, and :func:`latest_checkpoint` only ever sees complete checkpoints.
+        """
         path = path or os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(path)
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
         # The partial sums differ between ranks; every rank resumes from their mean, which the next log (a mean over
         # the ranks) cannot tell apart. A collective: every rank takes part.
         running_stats = self._running.state_dict(self._reduce_mean)
-        if self.accelerator.is_main_process:
-            state = self._trainer_state(running_stats)
-            atomic_write_text(os.path.join(path, TRAINER_STATE_NAME), json.dumps(state, indent=2))
-        self.accelerator.wait_for_everyone()
+        with contextlib.ExitStack() as stack:
+            staging = (
+                stack.enter_context(atomic_directory(path, keep_other_files=False))
+                if accelerator.is_main_process
+                else None
+            )
+            staging = self._broadcast_path(staging)  # every rank writes its RNG state into the same staging folder
+            accelerator.save_state(staging)
+            if accelerator.is_main_process:
+                state = self._trainer_state(running_stats)
+                atomic_write_text(os.path.join(staging, TRAINER_STATE_NAME), json.dumps(state, indent=2))
+            accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()  # the main process has swapped the checkpoint in
         return path
 
-    def load_checkpoint(self, path: str) -> None:
-        """Restore a :meth:`save_checkpoint` folder into this trainer."""
+    def _broadcast_path(self, path: str | None) -> str:
+        """The main process's ``path`` on every process (as bytes in a tensor: nothing is pickled)."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return path
+        from accelerate.utils import broadcast
+
+        size = 4096
+        buffer = torch.zeros(size, dtype=torch.uint8, device=accelerator.device)
+        if accelerator.is_main_process:
+            encoded = os.fsencode(path)
+            if len(encoded) >= size:
+                raise ValueError(f"checkpoint path too long ({len(encoded)} bytes): {path!r}")
+            buffer[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+        buffer = broadcast(buffer, from_process=0).cpu()
+        length = int((buffer != 0).sum()) if bool((buffer == 0).any()) else size
+        return os.fsdecode(bytes(buffer[:length].tolist()))
+
+    def load_checkpoint(self, path: str, allow_changed_arguments: bool | None = None) -> None:
+        """Restore a :meth:`save_checkpoint` folder into this trainer.
+
+        Args:
+            path: the ``checkpoint-<step>`` folder.
+            allow_changed_arguments: resume although the run definition (:meth:`run_definition`) differs from the
+                checkpoint's; default ``args.allow_changed_arguments``. Without it such a resume raises a
+                ValueError naming every changed field (``name: old -> new``) before anything is loaded. With it
+                the changes are logged, and the new learning rates and weight decay apply from the resumed step on
+                (the scheduler keeps its position).
+        """
+        if allow_changed_arguments is None:
+            allow_changed_arguments = self.args.allow_changed_arguments
         state_path = os.path.join(path, TRAINER_STATE_NAME)
         if not os.path.isfile(state_path):
             raise FileNotFoundError(f"{path!r} is not a PaLoRA checkpoint: it has no {TRAINER_STATE_NAME}.")
         with open(state_path, encoding="utf-8") as handle:
             state = json.load(handle)
-        if state["max_steps"] != self.max_steps:
-            raise ValueError(
-                f"the checkpoint was trained for max_steps={state['max_steps']}, this run has {self.max_steps}: the "
-                "preference schedule depends on it, so the runs would differ."
+        current = _json_ready(self.run_definition())
+        if "run" in state:
+            changes = check_same_run(state["run"], current, path, allow_changed_arguments, logger)
+        else:  # a checkpoint of an earlier version stored the schedule length only
+            changes = check_same_run(
+                {"max_steps": state["max_steps"]}, {"max_steps": self.max_steps}, path, allow_changed_arguments, logger
             )
+        fresh_groups = [
+            {key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups
+        ]
         self.accelerator.load_state(path)
+        if changes:
+            self._apply_new_hyperparameters(fresh_groups)
         self.global_step = int(state["global_step"])
         self.micro_step = int(state["micro_step"])
+        self._index_in_step = 0
         self.epoch = int(state["epoch"])
         self.batches_in_epoch = int(state["batches_in_epoch"])
         self.objective.load_state_dict(
@@ -720,6 +714,49 @@ class PaLoRATrainer:
         if "running_stats" in state:  # absent from checkpoints of earlier versions
             self._running.load_state_dict(state["running_stats"])
         self._loss_sum, self._loss_count = float(state.get("loss_sum", 0.0)), int(state.get("loss_count", 0))
+
+    def _apply_new_hyperparameters(self, fresh_groups: list[dict[str, Any]]) -> None:
+        """After an allowed changed resume: this run's group hyperparameters replace the checkpoint's, and the
+        learning rate is this run's at the restored scheduler position."""
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        groups = self.optimizer.param_groups
+        if len(groups) != len(fresh_groups):
+            raise ValueError(
+                f"the checkpoint's optimizer has {len(groups)} parameter groups, this run's {len(fresh_groups)}."
+            )
+        initial = [fresh.get("initial_lr", fresh["lr"]) for fresh in fresh_groups]
+        for group, fresh in zip(groups, fresh_groups):
+            for key, value in fresh.items():
+                if key != "lr":
+                    group[key] = value
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = list(initial)
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if lambdas is not None:
+            for group, base, function in zip(groups, initial, lambdas):
+                group["lr"] = base * function(scheduler.last_epoch)
+        else:
+            for group, base in zip(groups, initial):
+                group["lr"] = base
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in groups]
+
+
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` as JSON would give it back (tuples as lists, tensors as numbers, other objects as their repr)."""
+    if isinstance(value, Mapping):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
 class _RunningStats:

@@ -40,8 +40,8 @@ TINY_RUN = [
 
 # Runs the example in this process after installing the crash hook named by PALORA_TEST_CRASH:
 #   "accelerate:<step>:<file>": SIGKILL right after Accelerate wrote <file> of checkpoint-<step> (the rest missing);
-#   "state:<step>": SIGKILL after trainer_state.json of checkpoint-<step> went to its temporary file, before the
-#   rename that publishes it.
+#   "commit:<step>": SIGKILL once checkpoint-<step> is completely written into its staging folder, before it is
+#   swapped in; "after:<step>": SIGKILL right after it was swapped in.
 # PALORA_TEST_STEP_DELAY (seconds) pauses before every training step, so that a kill from outside lands mid-training
 # however fast the machine is (a tiny step takes ~10 ms); it changes no number.
 LAUNCHER = r"""
@@ -67,25 +67,37 @@ if crash:
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
+    def in_checkpoint(path):
+        # the checkpoint folder itself, or the staging folder beside it that becomes it (".checkpoint-N.<...>")
+        name = os.path.basename(os.path.dirname(str(path)))
+        return name == folder or name.startswith("." + folder + ".")
+
     if kind == "accelerate":
         import accelerate.checkpointing as checkpointing
         real_save = checkpointing.save
 
         def save(obj, path, *args, **kwargs):
             real_save(obj, path, *args, **kwargs)
-            if os.path.basename(os.path.dirname(str(path))) == folder and os.path.basename(str(path)) == rest[0]:
+            if in_checkpoint(path) and os.path.basename(str(path)) == rest[0]:
                 die()
 
         checkpointing.save = save
-    elif kind == "state":
-        real_replace = os.replace
+    elif kind in ("commit", "after"):
+        import contextlib
+        import peft_palora.training as training
+        real_atomic_directory = training.atomic_directory
 
-        def replace(src, dst, *args, **kwargs):
-            if str(dst).endswith(os.path.join(folder, "trainer_state.json")):
+        @contextlib.contextmanager
+        def atomic_directory(target, *args, **kwargs):
+            mine = os.path.basename(str(target)) == folder
+            with real_atomic_directory(target, *args, **kwargs) as staging:
+                yield staging
+                if mine and kind == "commit":
+                    die()  # everything written into the staging folder, not yet swapped in
+            if mine and kind == "after":
                 die()
-            return real_replace(src, dst, *args, **kwargs)
 
-        os.replace = replace
+        training.atomic_directory = atomic_directory
 import runpy
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -201,26 +213,37 @@ def test_sigkill_at_a_random_point_then_resume_latest_is_bit_identical(uninterru
 def test_crashes_inside_checkpoint_writes_fall_back_to_the_previous_checkpoint(uninterrupted, tmp_path):
     output_dir = str(tmp_path / "crashed")
 
-    # 1. Killed while Accelerate writes checkpoint-6: weights and optimizer on disk, scheduler/RNG/trainer state not.
+    # 1. Killed while Accelerate writes checkpoint-6: weights and optimizer are in its staging folder, the scheduler,
+    #    RNG and trainer states are not. checkpoint-6 itself does not exist: it only appears complete.
     _check_killed(_run(output_dir, crash="accelerate:6:optimizer.bin"))
-    partial = os.path.join(output_dir, "checkpoint-6")
-    assert sorted(os.listdir(partial)) == ["model.safetensors", "optimizer.bin"]
+    assert not os.path.exists(os.path.join(output_dir, "checkpoint-6"))
+    torn = _torn_folders(output_dir)
+    assert len(torn) == 1 and sorted(os.listdir(torn[0])) == ["model.safetensors", "optimizer.bin"]
     assert latest_checkpoint(output_dir) == os.path.join(output_dir, "checkpoint-3")
-    _check_torn_checkpoint_is_refused_by_name(partial, tmp_path)
+    _check_torn_checkpoint_is_refused_by_name(torn[0], tmp_path)
 
-    # 2. Resumed from checkpoint-3 ("latest" skips the torn checkpoint-6), then killed inside the atomic write of
-    #    checkpoint-9's trainer state: only its temporary file exists.
-    _check_killed(_run(output_dir, "--resume_from_checkpoint", "latest", crash="state:9"))
-    assert _step_of(os.path.join(output_dir, "checkpoint-6")) == 6  # the torn checkpoint was rewritten completely
-    leftovers = [name for name in os.listdir(os.path.join(output_dir, "checkpoint-9")) if name.startswith(".tmp-")]
-    assert len(leftovers) == 1
-    assert not os.path.exists(os.path.join(output_dir, "checkpoint-9", TRAINER_STATE_NAME))
+    # 2. Resumed from checkpoint-3 ("latest" never sees the torn one), then killed once checkpoint-9 was completely
+    #    staged but before it was swapped in.
+    _check_killed(_run(output_dir, "--resume_from_checkpoint", "latest", crash="commit:9"))
+    assert _step_of(os.path.join(output_dir, "checkpoint-6")) == 6  # checkpoint-6 was written completely this time
+    assert not os.path.exists(os.path.join(output_dir, "checkpoint-9"))
     assert latest_checkpoint(output_dir) == os.path.join(output_dir, "checkpoint-6")
 
-    # 3. Resumed from checkpoint-6 to the end: the same parameters as the run that never crashed.
+    # 3. Resumed from checkpoint-6 to the end: the same parameters as the run that never crashed, and the staging
+    #    folders the killed processes left behind are gone.
     _check_finished(_run(output_dir, "--resume_from_checkpoint", "latest"))
     assert latest_checkpoint(output_dir) == os.path.join(output_dir, f"checkpoint-{MAX_STEPS}")
     _assert_same_training_result(uninterrupted, output_dir)
+    assert [name for name in os.listdir(output_dir) if name.startswith(".")] == []
+
+
+def _torn_folders(output_dir: str) -> list[str]:
+    """Folders under ``output_dir`` holding checkpoint files but no trainer state (what a killed save leaves)."""
+    found = []
+    for root, _, files in os.walk(output_dir):
+        if "optimizer.bin" in files and TRAINER_STATE_NAME not in files:
+            found.append(root)
+    return found
 
 
 def _check_torn_checkpoint_is_refused_by_name(torn: str, tmp_path) -> None:
@@ -237,3 +260,97 @@ def _check_torn_checkpoint_is_refused_by_name(torn: str, tmp_path) -> None:
     assert trainer.global_step == 0
     after = trainer.unwrapped_model.state_dict()
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+# ---- re-saving checkpoint-N into a used output_dir -----------------------------------------------------------------
+# A tiny PaLoRATrainer run (the ViT of test_training) whose adapters and heads start from `--adapter_seed`: two runs
+# with different seeds have the same run definition (so either may resume the other's checkpoints) but different
+# weights, so every checkpoint file tells which run wrote it.
+RESAVE_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+output_dir, adapter_seed, resume = sys.argv[2], int(sys.argv[3]), sys.argv[4] == "resume"
+import torch
+from torch.utils.data import DataLoader
+import test_training
+from peft_palora.training import PaLoRATrainer, PaLoRATrainingArguments
+
+model = test_training.tiny_model(init_weights=False)
+torch.manual_seed(adapter_seed)
+with torch.no_grad():
+    for name, parameter in model.named_parameters():
+        if "palora_" in name or name.startswith("heads."):
+            parameter.copy_(0.1 * torch.randn_like(parameter))
+args = PaLoRATrainingArguments(output_dir=output_dir, max_steps=4, checkpointing_steps=2, window_size=2,
+                               disable_tqdm=True, use_cpu=True, logging_steps=1)
+trainer = PaLoRATrainer(model, args, DataLoader(test_training.tiny_dataset(32), batch_size=8, shuffle=True))
+trainer.train(resume_from_checkpoint="latest" if resume else None)
+trainer.save_model(output_dir + "/final")
+print("finished")
+"""
+
+
+def _resave_run(output_dir: str, adapter_seed: int, resume: bool = False, crash: str = ""):
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = LAUNCHER.replace("runpy.run_path(sys.argv[0], run_name=\"__main__\")", "exec(compile(sys.argv[0], 'resave', 'exec'))")
+    command = [sys.executable, "-c", code, RESAVE_SCRIPT, tests_dir, output_dir, str(adapter_seed),
+               "resume" if resume else "fresh"]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env(crash), cwd=REPO)
+
+
+def _folder_bytes(folder: str) -> dict[str, bytes]:
+    contents = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as handle:
+            contents[name] = handle.read()
+    return contents
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Run A (adapter seed 1) and run B (seed 2), each uninterrupted in its own folder."""
+    folders = {}
+    for label, seed in (("A", 1), ("B", 2)):
+        folder = str(tmp_path_factory.mktemp(f"run_{label}"))
+        completed = _resave_run(folder, seed)
+        assert completed.returncode == 0 and "finished" in completed.stdout, completed.stderr[-3000:]
+        folders[label] = folder
+    for step in (2, 4):  # the two runs really differ in every checkpoint
+        a = _folder_bytes(os.path.join(folders["A"], f"checkpoint-{step}"))
+        b = _folder_bytes(os.path.join(folders["B"], f"checkpoint-{step}"))
+        assert a.keys() == b.keys() and a["model.safetensors"] != b["model.safetensors"]
+    return folders
+
+
+@pytest.mark.parametrize("crash", ["accelerate:4:model.safetensors", "commit:4", "after:4"])
+def test_resaving_a_checkpoint_into_a_used_folder_never_mixes_two_runs(two_runs, tmp_path, crash):
+    """Run B is started in run A's output folder, re-saves checkpoint-2, and is killed while it re-saves
+    checkpoint-4: every checkpoint is then all A's or all B's, and resuming from "latest" ends exactly as the run it
+    resumed from."""
+    import shutil
+
+    used = str(tmp_path / "used")
+    shutil.copytree(two_runs["A"], used)
+    shutil.rmtree(os.path.join(used, "final"))
+    killed = _resave_run(used, 2, crash=crash)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-1000:] + killed.stderr[-3000:]
+
+    owners = {}
+    for step in (2, 4):
+        folder = os.path.join(used, f"checkpoint-{step}")
+        got = _folder_bytes(folder)
+        for label in ("A", "B"):
+            if got == _folder_bytes(os.path.join(two_runs[label], f"checkpoint-{step}")):
+                owners[step] = label
+        assert step in owners, f"checkpoint-{step} mixes the files of two runs after the kill at {crash}"
+    assert owners[2] == "B"  # re-saved before the kill: swapped in complete
+    assert owners[4] == ("B" if crash.startswith("after") else "A")
+    latest = latest_checkpoint(used)
+    assert latest == os.path.join(used, "checkpoint-4")
+
+    resumed = _resave_run(used, 2, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = _tensors(os.path.join(two_runs[owners[4]], "final", "adapter_model.safetensors"))
+    got = _tensors(os.path.join(used, "final", "adapter_model.safetensors"))
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)

@@ -176,13 +176,24 @@ def _rank_run(output_dir: str) -> None:
     trainer.save_model()
     assert trainer.checked == [f"checkpoint-{step}" for step in CHECKPOINT_STEPS]
     if rank != 0:
-        allowed = {os.path.join(output_dir, f"checkpoint-{step}") for step in CHECKPOINT_STEPS}
-        allowed |= {os.path.join(folder, f"random_states_{rank}.pkl") for folder in allowed}
-        unexpected = [(event, path) for event, path in writes if path not in allowed]
+        # A checkpoint is written into a staging folder beside checkpoint-N and swapped in as a whole (by rank 0):
+        # the other ranks write their RNG states there, and nothing else anywhere.
+        def checkpoint_step(folder: str) -> int | None:
+            name = os.path.basename(folder)
+            for step in CHECKPOINT_STEPS:
+                if name == f"checkpoint-{step}" or name.startswith(f".checkpoint-{step}.palora-staging-"):
+                    return step
+            return None
+
+        def allowed(path: str) -> bool:
+            if os.path.dirname(path) != output_dir and os.path.basename(path) == f"random_states_{rank}.pkl":
+                return os.path.dirname(os.path.dirname(path)) == output_dir and checkpoint_step(os.path.dirname(path))
+            return os.path.dirname(path) == output_dir and checkpoint_step(path) is not None
+
+        unexpected = [(event, path) for event, path in writes if not allowed(path)]
         assert unexpected == [], f"rank {rank} wrote {unexpected}"
-        assert {path for _, path in writes if path.endswith(".pkl")} == {
-            os.path.join(output_dir, f"checkpoint-{step}", f"random_states_{rank}.pkl") for step in CHECKPOINT_STEPS
-        }  # the hook sees the writes it is meant to catch
+        steps = sorted(checkpoint_step(os.path.dirname(path)) for _, path in writes if path.endswith(".pkl"))
+        assert steps == list(CHECKPOINT_STEPS)  # the hook sees the writes it is meant to catch: one per checkpoint
     with open(os.path.join(output_dir, f"windows_rank{rank}.json"), "w") as handle:  # for the parent test only
         json.dump(torch.stack(trainer.preference_sampler.seen).tolist(), handle)
 

@@ -377,3 +377,86 @@ def test_hf_trainer_loss_is_the_scalarised_window(tmp_path):
     groups = {group["name"]: group for group in trainer.optimizer.param_groups}
     assert set(groups) == {"palora_adapters", "shared"}
     assert groups["palora_adapters"]["initial_lr"] == pytest.approx(2e-3)
+
+
+# ---- resuming with changed arguments (what defines the run is stored in the checkpoint) -------------------------
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("saved_run")
+    trainer = make_trainer(output_dir, max_steps=4, checkpointing_steps=2)
+    trainer.train()
+    return output_dir
+
+
+def _swapped_tasks_model():
+    base = tiny_base()
+    palora = peft_palora.PaLoRAConfig(task_names=["right", "left"], r=2, target_modules=["q_proj"])
+    return MultiTaskModel(
+        get_peft_model(base, palora), linear_heads(16, {"right": 10, "left": 10}),
+        label_columns={"right": "labels_right", "left": "labels_left"},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides, changed",
+    [
+        ({"learning_rate": 2e-3}, "learning_rate: 0.001 -> 0.002"),
+        ({"lr_scheduler_type": "cosine"}, "lr_scheduler_type: 'linear' -> 'cosine'"),
+        ({"window_size": 2}, "preference_sampler"),
+        ({"sampler_mul": 3.0}, "mul=3.0"),
+        ({"seed": 7}, "seed: 42 -> 7"),
+        ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps: 1 -> 2"),
+        ({"balancing": "loss"}, "objective.balancing: 'none' -> 'loss'"),
+        ({"weight_decay": 0.1}, "weight_decay: 0.0 -> 0.1"),
+        ({"max_steps": 6}, "max_steps: 4 -> 6"),
+        ({"warmup_steps": 1}, "warmup_steps: 0 -> 1"),
+        ({"max_grad_norm": 0.5}, "max_grad_norm: 1.0 -> 0.5"),
+        ({"dataset": 48}, "dataset_size: 40 -> 48"),
+        ({"model": "swapped"}, "task_names: ['left', 'right'] -> ['right', 'left']"),
+    ],
+)
+def test_resume_refuses_changed_arguments_naming_them(saved_run, tmp_path, overrides, changed):
+    overrides = {"max_steps": 4, **overrides}
+    model = _swapped_tasks_model() if overrides.pop("model", None) else None
+    size = overrides.pop("dataset", None)
+    trainer = make_trainer(tmp_path, model=model, **overrides)
+    if size is not None:
+        trainer = PaLoRATrainer(
+            tiny_model(init_weights=True), trainer.args, DataLoader(tiny_dataset(size), batch_size=8, shuffle=True)
+        )
+    before = {key: value.clone() for key, value in trainer.unwrapped_model.state_dict().items()}
+    with pytest.raises(ValueError, match="differs from the one that saved it") as info:
+        trainer.load_checkpoint(str(saved_run / "checkpoint-2"))
+    assert changed in str(info.value)
+    assert "allow_changed_arguments=True" in str(info.value)
+    assert trainer.global_step == 0  # refused before anything was loaded
+    assert all(torch.equal(before[key], value) for key, value in trainer.unwrapped_model.state_dict().items())
+
+
+def test_resume_with_unchanged_arguments_is_accepted_also_for_log_settings(saved_run, tmp_path):
+    trainer = make_trainer(saved_run, max_steps=4, logging_steps=3, eval_points_per_side=5)
+    trainer.load_checkpoint(str(saved_run / "checkpoint-2"))  # logging and evaluation do not change the updates
+    assert trainer.global_step == 2
+
+
+def test_allowed_changed_learning_rate_is_logged_and_applies_from_the_resumed_step(saved_run, tmp_path, caplog):
+    trainer = make_trainer(tmp_path, max_steps=4, learning_rate=4e-3, allow_changed_arguments=True)
+    with caplog.at_level("WARNING", logger="peft_palora.training"):
+        trainer.train(resume_from_checkpoint=str(saved_run / "checkpoint-2"))
+    assert "changed arguments" in caplog.text and "learning_rate: 0.001 -> 0.004" in caplog.text
+    groups = {group["name"]: group for group in trainer.optimizer.param_groups}
+    assert groups["shared"]["initial_lr"] == pytest.approx(4e-3)
+    assert groups["palora_adapters"]["initial_lr"] == pytest.approx(8e-3)
+    # linear decay over 4 steps, no warm-up: after step 4 the rate is 0; at step 3 it was 4e-3 * 1/4
+    assert trainer.log_history[-2]["train/learning_rate"] == pytest.approx(8e-3 * 0.25)
+
+
+def test_sampler_step_counts_micro_batches_within_steps(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2, gradient_accumulation_steps=2)
+    seen = []
+    original = trainer.preference_sampler.sample
+    trainer.preference_sampler.sample = lambda progress, step=None: seen.append((progress, step)) or original(
+        progress, step
+    )
+    trainer.train()
+    assert seen == [(0.0, 0), (0.0, 1), (0.5, 2), (0.5, 3)]
