@@ -478,7 +478,8 @@ class MultiTaskModel(nn.Module):
 
         with atomic_directory(os.fspath(save_directory)) as staging:
             card = os.path.join(save_directory, "README.md")
-            if os.path.isfile(card):  # PEFT updates an existing card in place: keep the user's edits
+            if os.path.isfile(card) and not _same_folder(staging, save_directory):  # PEFT updates an existing card in place: keep the user's edits
+                # (a save nested in another's staging folder writes straight into it: nothing to copy)
                 shutil.copy2(card, os.path.join(staging, "README.md"))
             self.backbone.save_pretrained(staging, **kwargs)  # writes straight into the enclosing staging folder
             save_task_heads(self.heads, staging)
@@ -658,3 +659,7 @@ def batch_size_of(inputs: Mapping[str, Any] | Sequence[Any]) -> int:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     raise ValueError("the inputs hold no tensor with a batch dimension.")
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)

@@ -59,7 +59,8 @@ class PaLoRAPeftModelMixin:
             return None
         with atomic_directory(os.fspath(save_directory)) as staging:
             card = os.path.join(save_directory, _README)
-            if os.path.isfile(card):  # PEFT updates an existing card in place: keep the user's edits
+            if os.path.isfile(card) and not _same_folder(staging, save_directory):  # PEFT updates an existing card in place: keep the user's edits
+                # (a save nested in another's staging folder writes straight into it: nothing to copy)
                 shutil.copy2(card, os.path.join(staging, _README))
             return super().save_pretrained(staging, *args, **kwargs)
 
@@ -157,3 +158,6 @@ def adopt(peft_model: nn.Module) -> None:
     """Give a `PeftModel` holding PaLoRA adapters its PaLoRA class (idempotent)."""
     peft_model.__class__ = palora_class_for(type(peft_model))
 
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)

@@ -21,6 +21,7 @@ import torch
 PAPER_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "paper"
 sys.path.insert(0, str(PAPER_DIR))  # the scripts' shared modules: paper_models, paper_training
 
+import paper_datasets  # noqa: E402
 import paper_models  # noqa: E402
 import paper_training as pt  # noqa: E402
 
@@ -191,3 +192,183 @@ def test_pamal_copy_is_independent_of_its_template():
     # the template's own weights are emptied (unused), its trainable state lives in the members only
     assert all(p.numel() == 0 for p in template.parameters())
     assert paper_models.count_parameters(model) == 3 * sum(v.numel() for v in before.values())
+
+
+# ---- settings, process state, statistics ------------------------------------------------------------------------------
+def test_main_restores_threads_and_random_state(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # the scripts run with --threads 1, so a leak would show
+    try:
+        torch.manual_seed(1234)
+        rng, np_rng = torch.get_rng_state(), np.random.get_state()
+        multimnist.main(SMOKE + ["--threads", "1", "--methods", "ls", "--output_dir", str(tmp_path)])
+        assert torch.get_num_threads() == threads + 1
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert np.array_equal(np.random.get_state()[1], np_rng[1])
+        schedule_ablation.main(
+            SMOKE
+            + ["--threads", "1", "--samplers", "annealed", "--max_steps", "1", "--epochs", "1", "--num_test", "32"]
+            + ["--num_eval", "32", "--output_dir", str(tmp_path / "ablation")]
+        )
+        assert torch.get_num_threads() == threads + 1 and torch.equal(torch.get_rng_state(), rng)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_paired_difference_matches_hand_computed_t_interval():
+    stats = pt.paired_difference([0.8, 0.9, 1.0], [0.7, 0.7, 0.7])
+    np.testing.assert_allclose(stats["differences"], [0.1, 0.2, 0.3])
+    assert stats["mean"] == pytest.approx(0.2)
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t_{0.975, 2} * sample sd / sqrt(n)
+    np.testing.assert_allclose(stats["interval"], [0.2 - half, 0.2 + half])
+    assert pt.paired_difference([0.5], [0.4])["interval"] is None
+    with pytest.raises(ValueError, match="`a` and `b`"):
+        pt.paired_difference([], [])
+
+
+def test_input_scale_multiplies_pixels_and_gets_its_own_files(tmp_path):
+    plain, labels = pt.load_split("test", 16)
+    scaled, scaled_labels = pt.load_split("test", 16, input_scale=255)
+    torch.testing.assert_close(scaled, plain * 255)
+    assert torch.equal(labels, scaled_labels) and scaled.max() > 1
+    with pytest.raises(ValueError, match="input_scale"):
+        pt.load_split("test", 16, input_scale=0)
+    with pytest.raises(SystemExit):
+        multimnist.parse_args(["--input_scale", "-1"])
+    base = SMOKE + ["--methods", "ls", "stl", "--output_dir", str(tmp_path)]
+    multimnist.main(base)
+    before = (tmp_path / "multimnist.json").read_text()
+    result = multimnist.main(base + ["--input_scale", "255"])
+    assert (tmp_path / "multimnist.json").read_text() == before  # scale 1's tables are left alone
+    for name in ("multimnist_scale255.json", "multimnist_scale255.md", "multimnist_scale255_seed0.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    seed = json.loads((tmp_path / "multimnist_scale255_seed0.json").read_text())
+    assert seed["config"]["input_scale"] == 255 and set(seed["methods"]) == {"ls", "stl"}
+    assert "input scale 255" in (tmp_path / "multimnist_scale255.md").read_text()
+    # the missing methods of the default set are listed, not silently dropped
+    assert {row["method"] for row in result["missing_runs"]} == {"palora", "palora_conv_r1", "pamal", "pamal_annealed"}
+
+
+def test_seed_files_from_before_the_new_settings_still_aggregate(tmp_path):
+    multimnist.main(SMOKE + ["--methods", "ls", "--output_dir", str(tmp_path)])
+    path = tmp_path / "multimnist_seed0.json"
+    payload = json.loads(path.read_text())
+    for key in multimnist.SETTING_DEFAULTS:  # a file written before these keys existed
+        del payload["config"][key]
+    path.write_text(json.dumps(payload))
+    result = multimnist.main(SMOKE + ["--methods", "ls", "--output_dir", str(tmp_path), "--aggregate_only"])
+    assert result["seeds"] == [0] and set(result["summary"]) == {"ls"}
+    # ...and another scale does not pick them up
+    assert multimnist.main(SMOKE + ["--output_dir", str(tmp_path), "--aggregate_only", "--input_scale", "2"]) is None
+
+
+def test_paper_conv_layout_is_passed_through_or_refused_clearly(tmp_path):
+    argv = SMOKE + ["--methods", "palora_paper_conv", "--output_dir", str(tmp_path)]
+    if not pt.config_supports_conv_layout():
+        with pytest.raises(SystemExit):
+            multimnist.main(argv)
+        with pytest.raises(ValueError, match="conv_layout"):
+            pt.build_palora(0, conv_layout="paper")
+        return
+    seed = multimnist.main(argv) and json.loads((tmp_path / "multimnist_seed0.json").read_text())
+    model = pt.build_palora(0, conv_layout="paper")
+    assert model.peft_config["default"].conv_layout == "paper"
+    assert 0.0 <= seed["methods"]["palora_paper_conv"]["hypervolume"] <= 1.0
+
+
+# ---- MultiFashion and Fashion+MNIST ----------------------------------------------------------------------------------
+def _idx_bytes(array: np.ndarray, code: int) -> bytes:
+    header = bytes([0, 0, code, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def test_idx_parser_reads_hand_built_files_and_rejects_broken_ones():
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    np.testing.assert_array_equal(paper_datasets.parse_idx(_idx_bytes(images, 0x08)), images)
+    ints = np.array([[-5, 70000], [1, 2]], dtype=np.int32)
+    np.testing.assert_array_equal(paper_datasets.parse_idx(_idx_bytes(ints, 0x0C)), ints)
+    good = _idx_bytes(images, 0x08)
+    for broken, message in (
+        (b"\x01" + good[1:], "magic"),
+        (good[:2] + b"\x07" + good[3:], "type code"),
+        (good[:-1], "needs 24 bytes"),
+        (good[:6], "truncated header"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            paper_datasets.parse_idx(broken, source="x.idx")
+    with pytest.raises(TypeError, match="data must be bytes"):
+        paper_datasets.parse_idx("not bytes")
+
+
+def _fashion_or_skip():
+    try:
+        return paper_datasets.load_fashion_arrays()
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed: apt-get update && apt-get install -y dataset-fashion-mnist")
+
+
+def test_fashion_reader_splits_the_debian_files():
+    fashion = _fashion_or_skip()
+    assert {split: tuple(x.shape) for split, (x, _) in fashion.items()} == {
+        "train": (50_000, 28, 28),
+        "validation": (10_000, 28, 28),
+        "test": (10_000, 28, 28),
+    }
+    # the first labels of Fashion-MNIST's training and test files, as published with the data set
+    assert fashion["train"][1][:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert fashion["test"][1][:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
+    for x, y in fashion.values():
+        assert x.dtype == torch.uint8 and y.dtype == torch.int64
+        assert torch.bincount(y, minlength=10).shape == (10,) and int(y.max()) == 9
+    assert int(fashion["train"][0].max()) == 255
+
+
+@pytest.mark.parametrize("dataset", ["multifashion", "fashion_mnist"])
+def test_fashion_datasets_are_composed_like_multimnist(dataset):
+    fashion = _fashion_or_skip()
+    mnist = paper_datasets.load_mnist_arrays()
+    x, y = paper_datasets.make_pair_dataset(dataset, "test", num_samples=6, seed=0)
+    assert x.shape == (6, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (6, 2) and y.dtype == torch.int64
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and float(x.max()) > 0.5
+    again, again_labels = paper_datasets.make_pair_dataset(dataset, "test", num_samples=6, seed=0)
+    assert torch.equal(x, again) and torch.equal(y, again_labels)
+    other, _ = paper_datasets.make_pair_dataset(dataset, "test", num_samples=6, seed=1)
+    assert not torch.equal(x, other)
+    # a full round uses every source image of the split once on each side: the label counts are the sources'
+    full_x, full_y = paper_datasets.make_pair_dataset(dataset, "validation")
+    left_source = fashion if dataset == "multifashion" else mnist
+    for side, source in ((0, left_source), (1, fashion)):
+        assert torch.equal(torch.bincount(full_y[:, side], minlength=10), torch.bincount(source["validation"][1]))
+    # the images are the sources overlaid: top-left image at (0, 0), bottom-right at (6, 6) of a 36x36 canvas
+    index = 3
+    canvas = torch.zeros(36, 36)
+    pairs = paper_datasets.multimnist_pairs(10_000, 10_000, seed=0, split="validation")
+    left = left_source["validation"][0][pairs[0][index]].float() / 255
+    right = fashion["validation"][0][pairs[1][index]].float() / 255
+    canvas[:28, :28] = left
+    canvas[6:34, 6:34] = torch.maximum(canvas[6:34, 6:34], right)
+    expected = torch.nn.functional.interpolate(canvas[None, None], size=(28, 28), mode="bicubic", antialias=True)
+    torch.testing.assert_close(full_x[index], expected[0].clamp(0, 1))
+    assert full_y[index].tolist() == [
+        int(left_source["validation"][1][pairs[0][index]]),
+        int(fashion["validation"][1][pairs[1][index]]),
+    ]
+
+
+@pytest.mark.parametrize("dataset", ["multifashion", "fashion_mnist"])
+def test_multimnist_script_runs_the_fashion_datasets(tmp_path, dataset):
+    _fashion_or_skip()
+    result = multimnist.main(
+        SMOKE + ["--dataset", dataset, "--methods", "palora", "pamal", "--output_dir", str(tmp_path)]
+    )
+    for name in (f"{dataset}.md", f"{dataset}.json", f"{dataset}_front.png", f"{dataset}_seed0.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert not (tmp_path / "multimnist.json").exists()
+    seed = json.loads((tmp_path / f"{dataset}_seed0.json").read_text())
+    assert seed["config"]["dataset"] == dataset
+    assert all(0.0 <= run["hypervolume"] <= 1.0 and _finite(run["loss"]) for run in seed["methods"].values())
+    (paired,) = [row for row in result["paired_differences"] if row["pamal"] == "pamal"]
+    assert paired["differences"] == [
+        seed["methods"]["palora"]["hypervolume"] - seed["methods"]["pamal"]["hypervolume"]
+    ]
+    assert paper_datasets.DATASET_LABELS[dataset] in (tmp_path / f"{dataset}.md").read_text()

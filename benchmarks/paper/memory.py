@@ -413,13 +413,20 @@ def main(argv=None) -> dict | None:
         return None
     import paper_training as pt
 
+    with pt.restored_global_state():  # an in-process worker sets the thread count and seeds torch
+        return _measure_and_tabulate(args, pt)
+
+
+def _measure_and_tabulate(args: argparse.Namespace, pt) -> dict:
     out = Path(args.output_dir)
     stem = "memory_paper_windows" if args.paper_windows else "memory"
     if args.tabulate_only:
         payload = json.loads((out / f"{stem}.json").read_text())
         models = {run["model"] for run in payload["runs"]}
         payload["overhead_ratios"] = {
-            name: overhead_ratios([r for r in payload["runs"] if r["model"] == name]) for name in MODELS if name in models
+            name: overhead_ratios([r for r in payload["runs"] if r["model"] == name])
+            for name in MODELS
+            if name in models
         }
         pt.atomic_write_json(out / f"{stem}.json", payload)
         write_markdown(payload, out / f"{stem}.md")

@@ -9,9 +9,12 @@ slicing tensors is much cheaper than a DataLoader on a 2-core machine.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -28,11 +31,11 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(_REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(_REPO_ROOT))
 
+from paper_datasets import make_pair_dataset  # noqa: E402
 from paper_models import MULTILENET_TARGETS, MULTIMNIST_TASKS, MultiLeNet, PaMaL  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import peft_palora  # noqa: E402  (registers PALORA with PEFT)
-from peft_palora.multimnist import make_multimnist  # noqa: E402
 from peft_palora.pareto import hypervolume, preference_consistency  # noqa: E402
 from peft_palora.preferences import simplex_grid  # noqa: E402
 
@@ -43,12 +46,20 @@ EVAL_PREFERENCES = simplex_grid(2, 11)  # [p, 1 - p] for p = 0, 0.1, ..., 1 (wei
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------------
-def load_split(split: str, num_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """MultiMNIST images ``(N, 1, 28, 28)`` and labels ``(N, 2)`` (left digit, right digit) as plain tensors."""
-    dataset = make_multimnist(split, num_samples=num_samples, seed=0)
-    columns = dataset[:]
-    labels = torch.stack([columns["labels_left"], columns["labels_right"]], dim=1)
-    return columns["pixel_values"].contiguous(), labels.contiguous()
+def load_split(
+    split: str, num_samples: int | None = None, dataset: str = "multimnist", input_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(N, 1, 28, 28)`` and labels ``(N, 2)`` (top-left, bottom-right class) as plain tensors.
+
+    ``dataset`` is one of ``paper_datasets.DATASETS`` (MultiMNIST, MultiFashion, Fashion+MNIST). The images are in
+    [0, 1] times ``input_scale``: 255 gives the 0-255 pixels of the official generator's commented-out resize path.
+    """
+    if not (isinstance(input_scale, (int, float)) and not isinstance(input_scale, bool) and input_scale > 0):
+        raise ValueError(f"`input_scale` must be a positive number, got {input_scale!r}.")
+    images, labels = make_pair_dataset(dataset, split, num_samples=num_samples, seed=0)
+    if input_scale != 1:
+        images = images * float(input_scale)
+    return images.contiguous(), labels
 
 
 def batch_indices(num_samples: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -60,17 +71,36 @@ def batch_indices(num_samples: int, batch_size: int, generator: torch.Generator)
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
+def config_supports_conv_layout() -> bool:
+    """Whether the installed ``PaLoRAConfig`` has a ``conv_layout`` field (the paper's convolution adapter form)."""
+    return "conv_layout" in {field.name for field in dataclasses.fields(peft_palora.PaLoRAConfig)}
+
+
 def build_palora(
-    seed: int, rank: int = 1, alpha: float = 1.0, rank_pattern: dict[str, int] | None = None
+    seed: int,
+    rank: int = 1,
+    alpha: float = 1.0,
+    rank_pattern: dict[str, int] | None = None,
+    conv_layout: str | None = None,
 ) -> nn.Module:
     """MultiLeNet with PaLoRA on every convolution and linear layer, base weights trained (the paper's setting).
 
     ``palora_alpha = 1`` is the paper's ``lora_alpha`` default, so with ``r = 1`` the adapters are scaled by 1.
-    Layers given another rank by ``rank_pattern`` keep the same scale ``alpha / rank``.
+    Layers given another rank by ``rank_pattern`` keep the same scale ``alpha / rank``. ``conv_layout`` is passed
+    to ``PaLoRAConfig`` when given (``None``: the config's default, PEFT's layout).
     """
+    layout = {}
+    if conv_layout is not None:
+        if not config_supports_conv_layout():
+            raise ValueError(
+                f"conv_layout={conv_layout!r}: the installed peft_palora.PaLoRAConfig has no `conv_layout` field, so "
+                "the paper's convolution adapter layout cannot be used with this version of the library."
+            )
+        layout = {"conv_layout": conv_layout}
     torch.manual_seed(seed)
     rank_pattern = dict(rank_pattern or {})
     config = peft_palora.PaLoRAConfig(
+        **layout,
         task_names=list(MULTIMNIST_TASKS),
         r=rank,
         palora_alpha=alpha,
@@ -314,17 +344,63 @@ def fmt(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-def load_seed_results(directory: str | os.PathLike, prefix: str, config: dict) -> list[dict]:
+def same_setting(stored: dict | None, config: dict, defaults: dict | None = None) -> bool:
+    """Whether a seed file's ``stored`` config is ``config``; keys it lacks take ``defaults`` (settings added to the
+    scripts after that file was written, at the value every earlier run had)."""
+    return stored is not None and (dict(defaults or {}) | stored) == config
+
+
+def load_seed_results(
+    directory: str | os.PathLike, prefix: str, config: dict, defaults: dict | None = None
+) -> list[dict]:
     """The per-seed result files ``<prefix>_seed<N>.json`` in ``directory`` whose config matches ``config``."""
     results = []
     for path in sorted(Path(directory).glob(f"{prefix}_seed*.json")):
         payload = json.loads(path.read_text())
-        if payload.get("config") == config:
+        if same_setting(payload.get("config"), config, defaults):
             results.append(payload)
     return sorted(results, key=lambda payload: payload["seed"])
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean of the paired differences ``a - b`` and its two-sided Student-t confidence interval.
+
+    With ``n`` pairs: ``mean +- t_{(1 + confidence) / 2, n - 1} * sd / sqrt(n)``. The interval is ``None`` for a
+    single pair (no spread to estimate).
+    """
+    from scipy import stats
+
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if diff.ndim != 1 or diff.size == 0:
+        raise ValueError(f"`a` and `b` must be non-empty 1-D sequences of the same length, got {diff.shape}.")
+    mean = float(diff.mean())
+    interval = None
+    if diff.size > 1:
+        half = float(stats.t.ppf((1 + confidence) / 2, diff.size - 1) * diff.std(ddof=1) / np.sqrt(diff.size))
+        interval = [mean - half, mean + half]
+    return {"differences": diff.tolist(), "mean": mean, "confidence": confidence, "interval": interval}
+
+
 def set_threads(threads: int) -> None:
     """One thread by default: on a shared 2-core machine two OpenMP threads fighting other processes are several
-    times slower than one."""
+    times slower than one. Scripts call it inside :func:`restored_global_state`, which undoes it."""
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def restored_global_state() -> Iterator[None]:
+    """Restore torch's thread count, default dtype and global RNG states, numpy's and Python's global RNGs on exit.
+
+    The scripts' ``main()`` run under it, so calling one from Python (the smoke tests, a notebook) leaves the process
+    as it was: the model builders seed torch's global generator and :func:`set_threads` changes the thread count.
+    """
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch_rng, numpy_rng, python_rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+        torch.set_rng_state(torch_rng)
+        np.random.set_state(numpy_rng)
+        random.setstate(python_rng)

@@ -238,30 +238,31 @@ def aggregate(args) -> dict | None:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    pt.set_threads(args.threads)
-    os.makedirs(args.output_dir, exist_ok=True)
-    if not args.aggregate_only:
-        train_data = pt.load_split("train", args.num_train)
-        test_data = pt.load_split("test", args.num_test)
-        eval_data = tuple(t[: args.num_eval] for t in test_data)
-        for seed in args.seeds:
-            path = Path(args.output_dir) / f"{PREFIX}_seed{seed}.json"
-            payload = {"seed": seed, "config": setting(args), "samplers": {}}
-            if path.exists():
-                previous = json.loads(path.read_text())
-                if previous.get("config") == payload["config"]:
-                    payload["samplers"] = previous["samplers"]
-            for name in args.samplers:
-                start = time.perf_counter()
-                payload["samplers"][name] = run_one(args, seed, name, train_data, test_data, eval_data)
-                pt.atomic_write_json(path, payload)
-                final = payload["samplers"][name]["final"]
-                print(
-                    f"[{name} seed {seed}] final hypervolume {final['hypervolume']:.4f}, consistency loss "
-                    f"{final['loss_mean_spearman']:.3f} ({time.perf_counter() - start:.0f}s)",
-                    flush=True,
-                )
-    return aggregate(args)
+    with pt.restored_global_state():  # threads and RNG states are the caller's again afterwards
+        pt.set_threads(args.threads)
+        os.makedirs(args.output_dir, exist_ok=True)
+        if not args.aggregate_only:
+            train_data = pt.load_split("train", args.num_train)
+            test_data = pt.load_split("test", args.num_test)
+            eval_data = tuple(t[: args.num_eval] for t in test_data)
+            for seed in args.seeds:
+                path = Path(args.output_dir) / f"{PREFIX}_seed{seed}.json"
+                payload = {"seed": seed, "config": setting(args), "samplers": {}}
+                if path.exists():
+                    previous = json.loads(path.read_text())
+                    if previous.get("config") == payload["config"]:
+                        payload["samplers"] = previous["samplers"]
+                for name in args.samplers:
+                    start = time.perf_counter()
+                    payload["samplers"][name] = run_one(args, seed, name, train_data, test_data, eval_data)
+                    pt.atomic_write_json(path, payload)
+                    final = payload["samplers"][name]["final"]
+                    print(
+                        f"[{name} seed {seed}] final hypervolume {final['hypervolume']:.4f}, consistency loss "
+                        f"{final['loss_mean_spearman']:.3f} ({time.perf_counter() - start:.0f}s)",
+                        flush=True,
+                    )
+        return aggregate(args)
 
 
 if __name__ == "__main__":
