@@ -20,7 +20,7 @@ from peft_palora.multitask import MultiTaskModel, linear_heads
 
 
 def _has_mnist() -> bool:
-    from peft_palora.multimnist import load_mnist_arrays
+    from peft_palora.recipes.multimnist import load_mnist_arrays
 
     try:
         load_mnist_arrays()
@@ -65,7 +65,7 @@ def test_info_reports_tasks_rank_and_overhead(bundle, capsys):
 
 @requires_mnist
 def test_front_matches_an_independent_evaluation(bundle, tmp_path):
-    from peft_palora.multimnist import make_multimnist
+    from peft_palora.recipes.multimnist import make_multimnist
 
     path, model = bundle
     out = tmp_path / "front"

@@ -1,4 +1,4 @@
-"""Tests for peft_palora.multimnist: the pickle parser (never unpickling) and the MultiMNIST builder."""
+"""Tests for peft_palora.recipes.multimnist: the pickle parser (never unpickling) and the MultiMNIST builder."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from peft_palora import multimnist
-from peft_palora.multimnist import (
+from peft_palora.recipes import multimnist
+from peft_palora.recipes.multimnist import (
     SPLITS,
     compose_multimnist,
     find_mnist_file,

