@@ -12,9 +12,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .config import PaLoRAConfig
 from . import _per_call
 from ._bundle_checks import mismatched_sizes_ignored
+from .config import PaLoRAConfig
 from .layer import PaLoRALayer, PreferenceState, dispatch_layer, dispatch_layer_type_supported
 from .preferences import validate_preference
 
@@ -235,7 +235,7 @@ class PaLoRAModel(BaseTuner):
             else:
                 values[name] = self._preference_states[name].value
         batch = _per_call.batch_of(args, kwargs) or _per_call.call_batch()
-        for name, value in values.items():
+        for value in values.values():
             if value.dim() == 2 and batch is not None and value.shape[0] != batch[0]:
                 raise ValueError(
                     f"The per-sample preference has {value.shape[0]} rows but the model was called with "

@@ -64,8 +64,8 @@ def test_default_multimnist_run(tmp_path):
     # the saved bundle + heads + initial base weights rebuild the evaluated model: same accuracy at a front end
     from transformers import ResNetModel
 
-    from peft_palora.recipes.multimnist import make_multimnist
     from peft_palora.multitask import MultiTaskModel
+    from peft_palora.recipes.multimnist import make_multimnist
 
     # heads and the batch-statistics mode of the batch norms are rebuilt from the bundle itself
     base = ResNetModel.from_pretrained(os.path.join(output_dir, "base_model"))
@@ -77,9 +77,7 @@ def test_default_multimnist_run(tmp_path):
     assert accuracy == pytest.approx(report["front"][-1]["left_accuracy"], abs=1e-6)
 
     # the bundle names its saved base, so AutoPeftModel loads it offline with nothing else given
-    from peft import AutoPeftModel
-
-    from peft import PeftModel
+    from peft import AutoPeftModel, PeftModel
 
     auto = AutoPeftModel.from_pretrained(output_dir).eval()
     explicit = PeftModel.from_pretrained(ResNetModel.from_pretrained(os.path.join(output_dir, "base_model")),

@@ -99,7 +99,7 @@ def test_training_gradients_match_plain_autograd(train_base_weights):
 
     def conv(layer, a, b, h):
         base = layer.get_base_layer()
-        k1, d = base.kernel_size[0], layer.r["default"] * base.kernel_size[0]
+        d = layer.r["default"] * base.kernel_size[0]
         scale = (preference.double() * layer.scaling["default"]).repeat_interleave(d)
         kernel = base.weight.double() + ((b * scale) @ a).reshape(base.weight.shape)
         return base._conv_forward(h, kernel, None if base.bias is None else base.bias.double())
