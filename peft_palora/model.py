@@ -159,6 +159,10 @@ class PaLoRAModel(BaseTuner):
         old or the new value throughout. A shared `(T,)` default is also recorded in the adapter's config
         (`default_preference`), so `save_pretrained` stores the chosen trade-off and a reload starts at it.
 
+        The stored default is detached from autograd (it outlives any one backward). To differentiate with respect to
+        the preference (e.g. to search a trade-off), pass a tensor that requires grad as the per-call `preference=`:
+        it stays in the graph.
+
         Args:
             preference: shape `(T,)` (one trade-off for the whole batch), `(batch, T)` (one per sample), a dict
                 `{task_name: weight}` when the config has `task_names`, or a list of such dicts (one per sample).
