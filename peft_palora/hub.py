@@ -19,8 +19,8 @@ Whatever the user chose (task names, base model id, module names, front table he
 the card: it reads as plain text and cannot add headings, code spans, links or HTML. The metadata block is written
 by a YAML serialiser (strings with line breaks or HTML characters double-quoted, with escapes), never by formatting
 strings, so it parses back to exactly the values given.
-* `install_push_to_hub_hook` routes `PeftModel.push_to_hub` to `push_palora_to_hub` for PaLoRA models and leaves
-  every other PEFT model on the original method.
+* `model.push_to_hub(...)` on a PaLoRA model calls `push_palora_to_hub` (PaLoRA models are instances of
+  `peft_palora.peft_model`'s PeftModel subclasses); every other PEFT model keeps PEFT's method.
 
 Distributed training: only the main process pushes. `push_palora_to_hub` asks
 `accelerate.PartialState().is_main_process` (or takes `is_main_process=`); on every other process it returns `None`
@@ -800,34 +800,3 @@ def push_palora_to_hub(
             create_pr=create_pr,
         )
 
-
-def install_push_to_hub_hook() -> None:
-    """Make `PeftModel.push_to_hub` publish PaLoRA models with `push_palora_to_hub` (idempotent).
-
-    Other PEFT models keep the original method. On a PaLoRA model `push_to_hub` accepts the arguments of
-    `transformers`' version (`commit_message`, `commit_description`, `private`, `token`, `revision`, `create_pr`,
-    `tags`; `max_shard_size` is accepted and ignored, adapters are never sharded) plus the keyword arguments of
-    `push_palora_to_hub` (`front_table`, `hypervolume`, `plot_path`, ...).
-    """
-    import functools
-
-    from peft import PeftModel
-
-    original = PeftModel.push_to_hub
-    if getattr(original, "_palora_dispatch", False):
-        return
-
-    @functools.wraps(original)
-    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
-        if not is_palora_model(self):
-            return original(self, repo_id, *args, **kwargs)
-        if args:
-            raise TypeError("push_to_hub() takes `repo_id` as its only positional argument on PaLoRA models.")
-        kwargs.pop("max_shard_size", None)
-        if kwargs.get("commit_message") is None:
-            kwargs.pop("commit_message", None)
-        return push_palora_to_hub(self, repo_id, **kwargs)
-
-    push_to_hub._palora_dispatch = True
-    push_to_hub._palora_original = original
-    PeftModel.push_to_hub = push_to_hub

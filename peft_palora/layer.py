@@ -494,13 +494,20 @@ class ConvNd(_PaLoRAModule):
         base therefore keeps the branch while gradients are being recorded.
         """
         base = self.get_base_layer()
-        if base._forward_hooks or base._forward_pre_hooks or type(base).forward not in _PLAIN_CONV_FORWARDS:
+        if not self._folding_keeps_the_result(scales):
             return False
         if torch.is_grad_enabled() and not base.weight.requires_grad:
             return False
         spatial = x.shape[-self._spatial_dims :]
         positions = x.shape[0] * math.prod(spatial) // math.prod(base.stride)
-        if positions < self.out_features:
+        return positions >= self.out_features
+
+    def _folding_keeps_the_result(self, scales: dict[str, torch.Tensor]) -> bool:
+        """The conditions under which the summed kernel computes what the branch computes: a shared preference,
+        no active dropout on the adapter input, adapters in the weight's dtype, a plain base convolution (no hooks
+        or overridden ``forward`` that the summed kernel would skip)."""
+        base = self.get_base_layer()
+        if base._forward_hooks or base._forward_pre_hooks or type(base).forward not in _PLAIN_CONV_FORWARDS:
             return False
         for name, scale in scales.items():
             dropout = self.palora_dropout[name]
@@ -570,16 +577,7 @@ class PaperConvNd(ConvNd):
     def _can_fold_into_weight(self, scales, x):
         # The branch here is itself a full convolution with the kernel delta, so folding is never the dearer path:
         # only the conditions under which folding would change the result remain.
-        base = self.get_base_layer()
-        if base._forward_hooks or base._forward_pre_hooks or type(base).forward not in _PLAIN_CONV_FORWARDS:
-            return False
-        for name, scale in scales.items():
-            dropout = self.palora_dropout[name]
-            if scale.dim() != 1 or (dropout.training and not isinstance(dropout, nn.Identity)):
-                return False
-            if self.palora_A[name].dtype != base.weight.dtype or self.palora_B[name].dtype != base.weight.dtype:
-                return False
-        return True
+        return self._folding_keeps_the_result(scales)
 
     def _adapter_output(self, adapter_name, x, scale):
         base = self.get_base_layer()

@@ -390,11 +390,7 @@ def _client_palora(work_dir: Path, result_path: Path) -> None:
     from transformers import BertConfig, BertModel
 
     from peft_palora import PaLoRAConfig
-    from peft_palora.hub import install_push_to_hub_hook
-
     report: dict = {}
-    # Idempotent. Whether `import peft_palora` already did it is `test_importing_peft_palora_routes_push_to_hub`.
-    install_push_to_hub_hook()
     api = HfApi()
 
     torch.manual_seed(0)
