@@ -3,6 +3,17 @@
 Importing this package registers the PEFT type ``PALORA`` so that ``get_peft_model``, ``PeftModel.from_pretrained``
 and ``AutoPeftModel.from_pretrained`` work with PaLoRA bundles. The training pieces (Accelerate, ``transformers``'
 Trainer) are imported on first use, so that ``import peft_palora`` stays cheap.
+
+The modules, by layer (one idea each; PEFT's ``tuners/lora/`` is the model for the first group):
+
+* the PEFT tuner: ``config``, ``layer`` (one formula per layer type), ``bnb`` (quantised bases), ``model``,
+  ``peft_model`` (the PaLoRA ``PeftModel`` classes), ``_registration``, ``_per_call`` (the preference of one call),
+  ``_folded_conv``, ``_bundle_checks``, ``_atomic``;
+* the method: ``preferences`` (validation, grids, samplers), ``objectives``, ``window`` (sample, expand, combine);
+* training: ``optimization``, ``training`` (Accelerate), ``hf_trainer`` (``transformers.Trainer``), ``multitask``;
+* fronts: ``pareto``, ``plotting``, ``metrics/front_quality``;
+* outside surfaces: ``hub``, ``cli``, ``lora_interop`` (standard LoRA bundles in and out);
+* example code, never imported by the rest: ``recipes`` (datasets, small backbones, MultiMNIST).
 """
 
 from __future__ import annotations
