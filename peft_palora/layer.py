@@ -139,12 +139,18 @@ class PaLoRALayer(BaseTunerLayer):
         return self.preference_states[adapter_name].value
 
     def _scale(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
-        """This layer's ``(alpha / r) * lambda`` per adapter direction, on ``like``'s device and dtype."""
-        r, scaling = self._directions(adapter_name), self.scaling[adapter_name]
+        """This layer's ``(alpha / r) * lambda`` per adapter direction at the preference in force, on ``like``'s
+        device and dtype (from the running call's snapshot, which computes it once per call)."""
         snapshot = _per_call.current()
         if snapshot is not None and adapter_name in snapshot.values:
+            r, scaling = self._directions(adapter_name), self.scaling[adapter_name]
             return snapshot.scale(adapter_name, r, scaling, like.device, like.dtype)
-        return scale_vector(self.preference_states[adapter_name].value, r, scaling).to(like.device, like.dtype)
+        return self._scale_at(adapter_name, self.preference_states[adapter_name].value, like)
+
+    def _scale_at(self, adapter_name: str, preference: torch.Tensor, like: torch.Tensor, expansion: int = 1):
+        """``(alpha / r) * preference`` per adapter direction of this layer, on ``like``'s device and dtype."""
+        scale = scale_vector(preference, self._directions(adapter_name), self.scaling[adapter_name], expansion)
+        return scale.to(like.device, like.dtype)
 
     def _shared_preference(self, adapter_name: str, preference: torch.Tensor | None) -> torch.Tensor:
         preference = self._preference(adapter_name) if preference is None else preference
@@ -168,14 +174,13 @@ class PaLoRALayer(BaseTunerLayer):
             if name not in self.merged_adapters:
                 scales[name] = self._scale(name, b)
                 continue
-            merged_at = self.merged_preferences[name]
             preference = self._preference(name)
-            if preference.dim() == 1 and torch.equal(preference, merged_at.to(preference)):
+            merged_at = self.merged_preferences[name].to(preference)
+            if preference.dim() == 1 and torch.equal(preference, merged_at):
                 continue
             snapshot = _per_call.current()
             expansion = snapshot.expansion if snapshot is not None else 1
-            difference = preference - merged_at.to(preference)
-            scales[name] = scale_vector(difference, self._directions(name), self.scaling[name], expansion).to(b.device, b.dtype)
+            scales[name] = self._scale_at(name, preference - merged_at, b, expansion)
         return scales
 
     # ---- the delta ----------------------------------------------------------------------------------------------
@@ -191,8 +196,7 @@ class PaLoRALayer(BaseTunerLayer):
         # (a collective, so every rank must merge together) and cut back to this rank's shard of the weight.
         a, b = _full_tensor(self.palora_A[adapter_name]), _full_tensor(self.palora_B[adapter_name])
         preference = self._shared_preference(adapter_name, preference)
-        scale = scale_vector(preference, self._directions(adapter_name), self.scaling[adapter_name]).to(b.device, b.dtype)
-        delta = self._delta_from(a, b, scale)
+        delta = self._delta_from(a, b, self._scale_at(adapter_name, preference, b))
         weight = self.get_base_layer().weight
         if _is_dtensor(weight):
             from torch.distributed.tensor import distribute_tensor
@@ -256,8 +260,7 @@ class PaLoRALayer(BaseTunerLayer):
         if _is_dtensor(weight) or _is_dtensor(a) or weight.dtype != b.dtype or weight.device != b.device:
             weight.data.add_(self.get_delta_weight(adapter_name, preference).to(weight.dtype), alpha=alpha)
             return
-        scale = scale_vector(preference, self._directions(adapter_name), self.scaling[adapter_name]).to(b.device, b.dtype)
-        self._add_delta(weight.data, a, b, scale, alpha=alpha)
+        self._add_delta(weight.data, a, b, self._scale_at(adapter_name, preference, b), alpha=alpha)
 
     def remerge(self) -> None:
         """Move the merged adapters to the preference now in force: subtract the old delta, add the new one."""
