@@ -89,13 +89,12 @@ def bundle_keys(directory: str) -> set[str]:
         raise ValueError(f"{weights_path} is not a readable safetensors file (truncated or damaged?): {error}") from error
 
 
-def check_modules_to_save_present(peft_model: nn.Module, directory: str) -> None:
+def check_modules_to_save_present(peft_model: nn.Module, directory: str, config: dict) -> None:
     """Every module the bundle's config lists in `modules_to_save` must have its tensors in the bundle.
 
     PEFT would otherwise fail with a bare `KeyError` deep inside `set_peft_model_state_dict`.
     """
-    with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as handle:
-        wanted = json.load(handle).get("modules_to_save") or []
+    wanted = config.get("modules_to_save") or []  # `config`: the bundle's config, as check_local_bundle read it
     if not wanted:
         return
     keys = bundle_keys(directory)

@@ -82,8 +82,9 @@ class PaLoRAPeftModelMixin:
         fresh = config is not None and getattr(config, "_palora_weights_pending", False)
         existed = config is not None
         try:
-            if directory is not None and check_local_bundle(directory) is not None:
-                check_modules_to_save_present(self, directory)
+            bundle_config = check_local_bundle(directory) if directory is not None else None
+            if bundle_config is not None:
+                check_modules_to_save_present(self, directory, bundle_config)
             with ignoring_mismatched_sizes(bool(kwargs.get("ignore_mismatched_sizes", False))):
                 result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
         except BaseException:
