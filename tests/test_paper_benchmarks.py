@@ -372,3 +372,49 @@ def test_multimnist_script_runs_the_fashion_datasets(tmp_path, dataset):
         seed["methods"]["palora"]["hypervolume"] - seed["methods"]["pamal"]["hypervolume"]
     ]
     assert paper_datasets.DATASET_LABELS[dataset] in (tmp_path / f"{dataset}.md").read_text()
+
+
+# ---- the side-by-side overview --------------------------------------------------------------------------------------
+overview = _load_script("overview")
+
+
+def _aggregated(hypervolumes: dict[str, dict[int, float]]) -> dict:
+    """An aggregated table as multimnist.py writes it, reduced to what the overview reads."""
+    return {
+        "summary": {
+            method: {
+                "seeds": list(by_seed),
+                "hypervolume": list(by_seed.values()),
+                "hypervolume_mean_std": pt.mean_std(list(by_seed.values())),
+            }
+            for method, by_seed in hypervolumes.items()
+        }
+    }
+
+
+def test_overview_sets_settings_side_by_side_with_paired_differences(tmp_path):
+    from scipy import stats
+
+    palora = {0: 0.74, 1: 0.70, 2: 0.72, 3: 0.69}
+    pamal = {0: 0.70, 1: 0.71, 2: 0.69, 4: 0.66}  # seed 3 only for PaLoRA, seed 4 only for PaMaL
+    (tmp_path / "multimnist.json").write_text(json.dumps(_aggregated({"palora": palora, "pamal": pamal})))
+    (tmp_path / "multifashion.json").write_text(json.dumps(_aggregated({"ls": {0: 0.2}, "palora": {0: 0.25}})))
+    result = overview.main(["--results_dir", str(tmp_path)])
+
+    assert result["settings"] == ["multimnist", "multifashion"]
+    (row,) = result["paired_differences"]["multimnist"]
+    assert (row["first"], row["second"], row["seeds"], row["wins"]) == ("palora", "pamal", [0, 1, 2], 2)
+    a, b = [0.74, 0.70, 0.72], [0.70, 0.71, 0.69]
+    assert row["mean"] == pytest.approx(np.mean(np.subtract(a, b)))
+    np.testing.assert_allclose(row["interval"], stats.ttest_rel(a, b).confidence_interval(0.95))
+    assert result["paired_differences"]["multifashion"] == []  # no PaMaL there: nothing to pair
+    text = (tmp_path / "overview.md").read_text()
+    assert "| PaLoRA | 0.7125 ± 0.0222 (4) | 0.2500 (1) |" in text
+    assert "| LS (equal weights) | - | 0.2000 (1) |" in text
+    assert "| 2/3 | +0.0200 | [-0.0457, +0.0857] |" in text
+    assert json.loads((tmp_path / "overview.json").read_text()) == result
+
+
+def test_overview_without_tables_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run benchmarks/paper/multimnist.py first"):
+        overview.main(["--results_dir", str(tmp_path)])
