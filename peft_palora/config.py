@@ -40,7 +40,10 @@ class PaLoRAConfig(PeftConfig):
             preference. False initialises `B_t` randomly too (useful for tests).
         conv_layout (`str`): `"peft"` (default): a convolution adapter is a k x k convolution to T*r channels followed
             by a 1x1 convolution, as in PEFT's LoRA (kernel delta of rank <= r per task). `"paper"`: the paper's form,
-            `B (out*k, r*k) @ A (r*k, in*k)` reshaped into the kernel (each task owns r*k directions).
+            `B (out*k, r*k) @ A (r*k, in*k)` reshaped into the kernel (each task owns r*k directions). On the paper's
+            small convolutional benchmarks `"paper"` gave the higher hypervolume with fewer parameters
+            (`benchmarks/paper/README.md`); `"peft"` stays the default because `export_lora` can write it as a
+            standard LoRA.
         default_preference (`list[float]`, *optional*): The `(T,)` preference a new or reloaded model starts at
             (uniform when None). `set_preference` with a `(T,)` preference records it here, so the trade-off chosen
             for deployment is saved with the bundle.
