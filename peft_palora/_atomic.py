@@ -64,6 +64,7 @@ __all__ = [
     "atomic_directory",
     "atomic_save_safetensors",
     "atomic_write_text",
+    "carry_into_staging",
     "recover_interrupted_save",
 ]
 
@@ -650,6 +651,15 @@ class AtomicDirectory:
             for name in directories:
                 os.makedirs(os.path.join(destination_dir, name), exist_ok=True)
             _fsync_path(destination_dir, directory=True)
+
+
+def carry_into_staging(target: str, staging: str, name: str) -> None:
+    """Copy ``target``'s existing file ``name`` into ``staging`` before a save that updates it in place (PEFT's
+    model card), so the user's edits survive the swap. A save nested in another's staging folder writes straight
+    into it (``staging`` is ``target``): nothing to copy."""
+    existing = os.path.join(target, name)
+    if os.path.isfile(existing) and os.path.realpath(staging) != os.path.realpath(target):
+        shutil.copy2(existing, os.path.join(staging, name))
 
 
 @contextmanager

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -474,13 +473,10 @@ class MultiTaskModel(nn.Module):
         The folder switches as a whole: bundle, heads and multi-task config are staged together and swapped in at
         once, so a crash never leaves the heads of one save beside the adapters of another.
         """
-        from ._atomic import atomic_directory
+        from ._atomic import atomic_directory, carry_into_staging
 
         with atomic_directory(os.fspath(save_directory)) as staging:
-            card = os.path.join(save_directory, "README.md")
-            if os.path.isfile(card) and not _same_folder(staging, save_directory):  # PEFT updates an existing card in place: keep the user's edits
-                # (a save nested in another's staging folder writes straight into it: nothing to copy)
-                shutil.copy2(card, os.path.join(staging, "README.md"))
+            carry_into_staging(os.fspath(save_directory), staging, "README.md")  # PEFT updates the card in place
             self.backbone.save_pretrained(staging, **kwargs)  # writes straight into the enclosing staging folder
             save_task_heads(self.heads, staging)
             self._write_multitask_config(staging)
@@ -659,7 +655,3 @@ def batch_size_of(inputs: Mapping[str, Any] | Sequence[Any]) -> int:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     raise ValueError("the inputs hold no tensor with a batch dimension.")
-
-
-def _same_folder(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)

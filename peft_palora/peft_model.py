@@ -18,7 +18,6 @@ The subclass adds, for PaLoRA bundles only:
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 from peft import (
@@ -33,7 +32,7 @@ from peft import (
 from torch import nn
 
 from . import _per_call
-from ._atomic import atomic_directory
+from ._atomic import atomic_directory, carry_into_staging
 from ._bundle_checks import (
     check_local_bundle,
     check_modules_to_save_present,
@@ -58,10 +57,7 @@ class PaLoRAPeftModelMixin:
         if not kwargs.get("is_main_process", True):
             return None
         with atomic_directory(os.fspath(save_directory)) as staging:
-            card = os.path.join(save_directory, _README)
-            if os.path.isfile(card) and not _same_folder(staging, save_directory):  # PEFT updates an existing card in place: keep the user's edits
-                # (a save nested in another's staging folder writes straight into it: nothing to copy)
-                shutil.copy2(card, os.path.join(staging, _README))
+            carry_into_staging(os.fspath(save_directory), staging, _README)  # PEFT updates an existing card in place
             return super().save_pretrained(staging, *args, **kwargs)
 
     def create_or_update_model_card(self, output_dir: str) -> None:
@@ -158,7 +154,3 @@ def palora_class_for(cls: type) -> type:
 def adopt(peft_model: nn.Module) -> None:
     """Give a `PeftModel` holding PaLoRA adapters its PaLoRA class (idempotent)."""
     peft_model.__class__ = palora_class_for(type(peft_model))
-
-
-def _same_folder(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
