@@ -331,9 +331,9 @@ def merge_export_worker(channel, args, input_ids, floor, resettable) -> None:
     result = {"event": "ready", "floor": floor, "built": current_rss(), "resettable": resettable}
 
     try:
-        from peft_palora.lora_interop import export_lora
+        from peft_palora.tuner.conversion import export_lora
     except ImportError as error:
-        result["export"] = {"skipped": f"peft_palora.lora_interop.export_lora is not importable: {error}"}
+        result["export"] = {"skipped": f"peft_palora.interop.lora.export_lora is not importable: {error}"}
     else:
         with tempfile.TemporaryDirectory() as directory:
             reset_peak()

@@ -35,7 +35,7 @@ from peft import get_peft_model
 from transformers import BertConfig, BertModel
 
 import peft_palora
-from peft_palora.multitask import MultiTaskModel, linear_heads
+from peft_palora.training.multitask import MultiTaskModel, linear_heads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ["sentiment", "topic"]
@@ -82,9 +82,8 @@ class WordHashCollator:
 def build(model_name: str, serve):
     torch.manual_seed(0)
     if model_name == "minilm":
+        from recipes import minilm_path
         from transformers import AutoModel, AutoTokenizer
-
-        from peft_palora.recipes import minilm_path
 
         base = AutoModel.from_pretrained(minilm_path())
         collate = serve.TextCollator(AutoTokenizer.from_pretrained(minilm_path()), max_length=32)

@@ -26,9 +26,9 @@ from peft import get_peft_model
 from transformers import ViTConfig, ViTModel
 
 import peft_palora
-from peft_palora.multitask import MultiTaskModel, linear_heads
 from peft_palora.preferences import AnnealedGridSampler
-from peft_palora.training import window_task_losses
+from peft_palora.training.multitask import MultiTaskModel, linear_heads
+from peft_palora.training.window import window_task_losses
 
 TASKS = ["left", "right"]
 

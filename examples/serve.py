@@ -35,7 +35,7 @@ Design:
 * Isolation: if a batch fails (one request's inputs cannot be collated, or the forward raises), the requests are
   checked one by one, the faulty ones are answered with their own error and the others are still served.
 * Batch statistics: a model whose batch norms normalise with the statistics of the batch (the main job's
-  MultiMNIST ResNet, see ``peft_palora.multitask.use_batch_statistics``) would let requests change each other's
+  MultiMNIST ResNet, see ``peft_palora.training.multitask.use_batch_statistics``) would let requests change each other's
   answers. :func:`per_sample_batch_norm` replaces those layers by the same normalisation computed per sample,
   which is exactly what each request would get alone, so such models are batched too.
 
@@ -634,11 +634,11 @@ def load_bundle(bundle: str, base: str | None = None, max_length: int = 128):
     ``base_model_name_or_path`` of its adapter config.
     """
     from peft import PeftModel
+    from recipes import minilm_path
     from transformers import AutoModel, AutoTokenizer
 
     import peft_palora  # noqa: F401  (registers the PALORA type)
-    from peft_palora.multitask import TASK_HEADS_FILENAME, MultiTaskModel
-    from peft_palora.recipes import minilm_path
+    from peft_palora.training.multitask import TASK_HEADS_FILENAME, MultiTaskModel
 
     config_path = os.path.join(bundle, "adapter_config.json")
     if not os.path.isfile(config_path):

@@ -35,12 +35,7 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from accelerate.utils import set_seed
 from peft import get_peft_model
-from torch.utils.data import DataLoader
-from transformers import HfArgumentParser
-
-from peft_palora import PaLoRAConfig
-from peft_palora.multitask import MultiTaskModel
-from peft_palora.recipes import (
+from recipes import (
     build_heads,
     default_pooling,
     default_target_modules,
@@ -48,7 +43,13 @@ from peft_palora.recipes import (
     load_multitask_data,
     minilm_path,
 )
-from peft_palora.training import PaLoRATrainer, PaLoRATrainingArguments, write_front_report
+from torch.utils.data import DataLoader
+from transformers import HfArgumentParser
+
+from peft_palora import PaLoRAConfig
+from peft_palora.fronts.evaluation import write_front_report
+from peft_palora.training.multitask import MultiTaskModel
+from peft_palora.training.trainer import PaLoRATrainer, PaLoRATrainingArguments
 
 
 @dataclass
@@ -165,7 +166,7 @@ def main() -> None:
         if report["plot"]:
             print(f"front plot: {os.path.abspath(report['plot'])}")
         if training_args.push_to_hub:
-            from peft_palora.hub import push_palora_to_hub
+            from peft_palora.interop.hub import push_palora_to_hub
 
             push_palora_to_hub(
                 trainer.unwrapped_model,

@@ -1,19 +1,18 @@
 """PaLoRA (Pareto Low-Rank Adapters) as a Hugging Face PEFT method.
 
 Importing this package registers the PEFT type ``PALORA`` so that ``get_peft_model``, ``PeftModel.from_pretrained``
-and ``AutoPeftModel.from_pretrained`` work with PaLoRA bundles. The training pieces (Accelerate, ``transformers``'
-Trainer) are imported on first use, so that ``import peft_palora`` stays cheap.
+and ``AutoPeftModel.from_pretrained`` work with PaLoRA bundles. Everything beyond the tuner is imported on first use,
+so that ``import peft_palora`` stays cheap.
 
-The modules, by layer (one idea each; PEFT's ``tuners/lora/`` is the model for the first group):
+The package, by layer; each layer imports only from the layers above it in this list (``docs/concepts.md``):
 
-* the PEFT tuner: ``config``, ``layer`` (one formula per layer type), ``bnb`` (quantised bases), ``model``,
-  ``peft_model`` (the PaLoRA ``PeftModel`` classes), ``_registration``, ``_per_call`` (the preference of one call),
-  ``_folded_conv``, ``_bundle_checks``, ``_atomic``;
-* the method: ``preferences`` (validation, grids, samplers), ``objectives``, ``window`` (sample, expand, combine);
-* training: ``optimization``, ``training`` (Accelerate), ``hf_trainer`` (``transformers.Trainer``), ``multitask``;
-* fronts: ``pareto``, ``plotting``, ``metrics/front_quality``;
-* outside surfaces: ``hub``, ``cli``, ``lora_interop`` (standard LoRA bundles in and out);
-* example code, never imported by the rest: ``recipes`` (datasets, small backbones, MultiMNIST).
+* ``utils``: argument checks, JSON files, atomic files (nothing PaLoRA-specific);
+* ``tuner``: the PEFT tuner, as ``peft/tuners/palora/`` would hold it;
+* ``preferences``, ``objectives``, ``pareto``: the method without PEFT (grids, samplers, losses, hypervolume);
+* ``fronts``: evaluating a model over a preference grid, plots, the ``evaluate`` metric;
+* ``training``: the multi-task model, the preference window, the Accelerate and ``transformers`` trainers;
+* ``interop``: standard LoRA bundles in and out, the Hub;
+* ``cli``: the ``palora`` command.
 """
 
 from __future__ import annotations
@@ -21,49 +20,51 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._registration import register as _register
-from .config import PaLoRAConfig
-from .layer import PaLoRALayer
-from .model import PaLoRAModel, palora_layers
-from .optimization import adapter_param_groups
+from peft_palora.tuner import PaLoRAConfig, PaLoRALayer, PaLoRAModel, palora_layers
+from peft_palora.tuner.compat import register as _register
 
 __version__ = "0.1.0"
 
 _register()
 
 _LAZY = {
-    "MultiTaskModel": "multitask",
-    "PaLoRATrainer": "training",
-    "PaLoRATrainingArguments": "training",
-    "PaLoRAHFTrainer": "hf_trainer",
-    "PaLoRAHFTrainingArguments": "hf_trainer",
-    "FrontEvaluationCallback": "hf_trainer",
-    "PaLoRAArguments": "window",
-    "PreferenceWindow": "window",
-    "MergedMultiTaskModel": "multitask",
-    "from_lora_adapters": "lora_interop",
+    "adapter_param_groups": "peft_palora.training.optimization",
+    "MultiTaskModel": "peft_palora.training.multitask",
+    "MergedMultiTaskModel": "peft_palora.training.multitask",
+    "PaLoRATrainer": "peft_palora.training.trainer",
+    "PaLoRATrainingArguments": "peft_palora.training.trainer",
+    "PaLoRAHFTrainer": "peft_palora.training.hf_trainer",
+    "PaLoRAHFTrainingArguments": "peft_palora.training.hf_trainer",
+    "FrontEvaluationCallback": "peft_palora.training.hf_trainer",
+    "PaLoRAArguments": "peft_palora.training.window",
+    "PreferenceWindow": "peft_palora.training.window",
+    "from_lora_adapters": "peft_palora.interop.lora",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
     "FrontEvaluationCallback",
     "MergedMultiTaskModel",
-    "PaLoRAArguments",
-    "PaLoRAHFTrainingArguments",
-    "PreferenceWindow",
     "MultiTaskModel",
+    "PaLoRAArguments",
     "PaLoRAConfig",
     "PaLoRAHFTrainer",
+    "PaLoRAHFTrainingArguments",
     "PaLoRALayer",
     "PaLoRAModel",
     "PaLoRATrainer",
     "PaLoRATrainingArguments",
+    "PreferenceWindow",
     "__version__",
     "adapter_param_groups",
     "from_lora_adapters",

@@ -76,7 +76,7 @@ def _bundle_dir(adapter: str, revision: str | None = None) -> str:
 
 
 def _read_config(bundle: str) -> dict[str, Any]:
-    from ._bundle_checks import check_local_bundle
+    from peft_palora.tuner.bundle import check_local_bundle
 
     config = check_local_bundle(bundle)
     if config is None:
@@ -499,7 +499,7 @@ def run_front(
 ) -> dict[str, Any]:
     """Evaluate a saved multi-task bundle at every point of `simplex_grid(T, points)`; write table, report, plots.
 
-    The data is `dataset` (a recipe of `peft_palora.recipes.load_multitask_data`), or the user's own file
+    The data is `dataset` (a recipe of `recipes.load_multitask_data`), or the user's own file
     `data_file` (see :func:`load_front_data`). A progress bar over preferences x batches goes to stderr unless
     `quiet`.
     """
@@ -507,12 +507,11 @@ def run_front(
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from ._atomic import atomic_write_text
-    from .multitask import MultiTaskModel
-    from .pareto import evaluate_front
-    from .plotting import plot_metrics_vs_preference
-    from .preferences import simplex_grid
-    from .training import evaluate_multitask, write_front_report
+    from peft_palora.fronts.evaluation import evaluate_front, evaluate_multitask, write_front_report
+    from peft_palora.fronts.plotting import plot_metrics_vs_preference
+    from peft_palora.preferences import simplex_grid
+    from peft_palora.training.multitask import MultiTaskModel
+    from peft_palora.utils.atomic import atomic_write_text
 
     if isinstance(points, bool) or not isinstance(points, int) or points < 2:
         raise CLIError(f"--points must be an integer >= 2 (points per simplex side), got {points!r}.")
@@ -533,7 +532,7 @@ def run_front(
             max_samples=max_samples, max_length=max_length, image_size=image_size,
         )
     else:
-        from .recipes import load_multitask_data
+        from recipes import load_multitask_data  # TODO(cli): no recipes in the wheel
 
         data = load_multitask_data(
             dataset, tokenizer=tokenizer, max_eval_samples=max_samples, max_train_samples=1, seed=data_seed
@@ -626,7 +625,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
         _check_model_source(args.base)
     if os.path.isfile(args.out):
         raise CLIError(f"--out {args.out!r} is a file; give a folder.")
-    from .lora_interop import export_lora_from_bundle
+    from peft_palora.interop.lora import export_lora_from_bundle
 
     with _quiet_transformers():
         path = export_lora_from_bundle(bundle, args.out, preference=preference, base=args.base)

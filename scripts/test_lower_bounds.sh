@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run the tuner, persistence, Hub and training tests against the LOWEST versions pyproject.toml claims for the
 # libraries whose internals PaLoRA touches (peft, transformers), in a virtual environment of their own that
-# scripts/setup.sh fills like any other (pip takes the packages from its cache). The newest versions are what a plain
-# setup installs, so the two runs together test both ends of the claimed ranges.
+# scripts/setup.sh fills like any other (pip takes the packages from its cache). These two pins replace the lock's
+# (requirements/lock.txt, which holds every other package where a plain setup has it); a plain setup installs the
+# locked versions, near the newest releases, so the two runs together test both ends of the claimed ranges.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${LOWER_BOUNDS_VENV:-.venv-lower-bounds}

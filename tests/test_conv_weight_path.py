@@ -13,7 +13,7 @@ from tiny_models import ConvModel
 from torch import nn
 
 import peft_palora
-from peft_palora.layer import ConvNd
+from peft_palora.tuner.layer import ConvNd
 
 TARGETS = ["conv2d", "grouped", "depthwise", "conv1d", "conv3d"]
 

@@ -243,7 +243,7 @@ def test_every_public_module_has_an_api_page():
     modules |= {
         f"peft_palora.{p.parent.name}" for p in package.glob("*/__init__.py") if not p.parent.name.startswith("_")
     }
-    modules -= {"peft_palora.multimnist"}  # a deprecated alias of peft_palora.recipes.multimnist
+    modules -= {"peft_palora.multimnist"}  # a deprecated alias of recipes.multimnist
     missing = sorted(modules - referenced)
     assert not missing, f"modules without a `::: module` reference under docs/api/: {missing}"
 

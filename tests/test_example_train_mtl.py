@@ -62,10 +62,10 @@ def test_default_multimnist_run(tmp_path):
     report = check_outputs(output_dir, stdout, ["left", "right"])
 
     # the saved bundle + heads + initial base weights rebuild the evaluated model: same accuracy at a front end
+    from recipes.multimnist import make_multimnist
     from transformers import ResNetModel
 
-    from peft_palora.multitask import MultiTaskModel
-    from peft_palora.recipes.multimnist import make_multimnist
+    from peft_palora.training.multitask import MultiTaskModel
 
     # heads and the batch-statistics mode of the batch norms are rebuilt from the bundle itself
     base = ResNetModel.from_pretrained(os.path.join(output_dir, "base_model"))

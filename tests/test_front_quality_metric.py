@@ -14,13 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from peft_palora.pareto import (
-    FRONT_QUALITY_METRIC_PATH,
-    hypervolume,
-    load_front_quality_metric,
-    num_non_dominated,
-    preference_consistency,
-)
+from peft_palora.fronts.evaluation import FRONT_QUALITY_METRIC_PATH, load_front_quality_metric
+from peft_palora.pareto import hypervolume, num_non_dominated, preference_consistency
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,7 +167,7 @@ def test_loads_offline_in_a_fresh_process_from_a_copied_module(tmp_path):
         f"""
         import json, os
         import evaluate
-        from peft_palora.pareto import FRONT_QUALITY_METRIC_PATH, load_front_quality_metric
+        from peft_palora.fronts.evaluation import FRONT_QUALITY_METRIC_PATH, load_front_quality_metric
 
         from_helper = load_front_quality_metric(reference_point=[1.0, 1.0])
         from_directory = evaluate.load(os.path.dirname(FRONT_QUALITY_METRIC_PATH), reference_point=[1.0, 1.0])

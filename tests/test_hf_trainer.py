@@ -13,9 +13,9 @@ from peft import get_peft_model
 from transformers import BertConfig, BertModel, HfArgumentParser, PreTrainedTokenizerFast, TrainingArguments
 
 import peft_palora
-from peft_palora.hf_trainer import FrontEvaluationCallback, PaLoRAHFTrainer, PaLoRAHFTrainingArguments
-from peft_palora.multitask import MultiTaskModel, linear_heads
 from peft_palora.preferences import simplex_grid
+from peft_palora.training.hf_trainer import FrontEvaluationCallback, PaLoRAHFTrainer, PaLoRAHFTrainingArguments
+from peft_palora.training.multitask import MultiTaskModel, linear_heads
 
 TASKS = ["topic", "mood"]
 LABELS = {"topic": "topic_label", "mood": "mood_label"}
@@ -190,7 +190,7 @@ def test_checkpoints_hold_only_what_trains_and_resume_exactly(tmp_path):
 def test_both_trainers_draw_the_same_windows_with_accumulation(tmp_path):
     from torch.utils.data import DataLoader
 
-    from peft_palora.training import PaLoRATrainer, PaLoRATrainingArguments
+    from peft_palora.training.trainer import PaLoRATrainer, PaLoRATrainingArguments
 
     tokenizer = word_tokenizer()
     data = tokenized(text_dataset(32), tokenizer)

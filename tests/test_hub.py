@@ -137,7 +137,7 @@ def test_importing_peft_palora_routes_push_to_hub(tiny_palora_model, monkeypatch
 
     (That other PEFT models keep transformers' method is `test_other_peft_models_keep_transformers_push`.)
     """
-    from peft_palora import hub
+    from peft_palora.interop import hub
 
     calls = []
     monkeypatch.setattr(hub, "push_palora_to_hub", lambda model, repo_id, **kwargs: calls.append((model, repo_id, kwargs)))
@@ -246,7 +246,7 @@ def tiny_palora_model():
 
 def test_card_from_a_config_alone_names_placeholders():
     from peft_palora import PaLoRAConfig
-    from peft_palora.hub import build_model_card
+    from peft_palora.interop.hub import build_model_card
 
     config = PaLoRAConfig(num_tasks=3, r=4, target_modules=["q"], task_type="SEQ_CLS")
     card = build_model_card(config)
@@ -266,7 +266,7 @@ def test_card_from_a_config_alone_names_placeholders():
 def test_card_table_accepts_dataframes_and_column_mappings(tiny_palora_model):
     import pandas as pd
 
-    from peft_palora.hub import build_model_card, front_table_markdown
+    from peft_palora.interop.hub import build_model_card, front_table_markdown
 
     columns = {"lambda_0": [1.0, 0.25], "loss a": [0.123456, 2], "note": ["a|b", None]}
     expected = "| lambda_0 | loss a | note |\n| --- | --- | --- |\n| 1 | 0.1235 | a\\|b |\n| 0.25 | 2 |  |"
@@ -294,7 +294,7 @@ def test_card_table_accepts_dataframes_and_column_mappings(tiny_palora_model):
     ],
 )
 def test_card_rejects_bad_input_naming_the_argument(tiny_palora_model, kwargs, error, message):
-    from peft_palora.hub import build_model_card
+    from peft_palora.interop.hub import build_model_card
 
     with pytest.raises(error, match=message):
         build_model_card(tiny_palora_model, **kwargs)
@@ -304,7 +304,7 @@ def test_card_rejects_models_that_are_not_palora():
     from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertModel
 
-    from peft_palora.hub import build_model_card, push_palora_to_hub
+    from peft_palora.interop.hub import build_model_card, push_palora_to_hub
 
     lora = get_peft_model(BertModel(BertConfig(**BERT_KWARGS)), LoraConfig(r=2, target_modules=["query"]))
     with pytest.raises(TypeError, match="PaLoRA"):
@@ -315,7 +315,7 @@ def test_card_rejects_models_that_are_not_palora():
 
 def test_push_validates_before_contacting_the_hub_and_skips_other_processes(tiny_palora_model, tmp_path):
     """Runs with HF_HUB_OFFLINE=1: any Hub request would raise OfflineModeIsEnabled instead of what is expected."""
-    from peft_palora.hub import push_palora_to_hub
+    from peft_palora.interop.hub import push_palora_to_hub
 
     with pytest.raises(ValueError, match="plot_path"):
         push_palora_to_hub(tiny_palora_model, "user/repo", plot_path=tmp_path / "missing.png", is_main_process=True)

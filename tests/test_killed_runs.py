@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft_palora.training import TRAINER_STATE_NAME, latest_checkpoint
+from peft_palora.training.trainer import TRAINER_STATE_NAME, latest_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "train_mtl.py")
@@ -50,7 +50,7 @@ import torch
 torch.use_deterministic_algorithms(True)
 step_delay = float(os.environ.get("PALORA_TEST_STEP_DELAY") or 0)
 if step_delay:
-    from peft_palora.training import PaLoRATrainer
+    from peft_palora.training.trainer import PaLoRATrainer
     real_training_step = PaLoRATrainer.training_step
 
     def training_step(self, *args, **kwargs):
@@ -84,7 +84,7 @@ if crash:
         checkpointing.save = save
     elif kind in ("commit", "after"):
         import contextlib
-        import peft_palora.training as training
+        import peft_palora.training.trainer as training
         real_atomic_directory = training.atomic_directory
 
         @contextlib.contextmanager
@@ -273,7 +273,7 @@ output_dir, adapter_seed, resume = sys.argv[2], int(sys.argv[3]), sys.argv[4] ==
 import torch
 from torch.utils.data import DataLoader
 import test_training
-from peft_palora.training import PaLoRATrainer, PaLoRATrainingArguments
+from peft_palora.training.trainer import PaLoRATrainer, PaLoRATrainingArguments
 
 model = test_training.tiny_model(init_weights=False)
 torch.manual_seed(adapter_seed)

@@ -24,7 +24,8 @@ from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 import peft_palora
 from peft_palora import PaLoRAConfig
-from peft_palora.lora_interop import export_lora, export_lora_from_bundle, from_lora_adapters
+from peft_palora.interop.lora import export_lora_from_bundle, from_lora_adapters
+from peft_palora.tuner.conversion import export_lora
 
 TOL = 1e-5
 
@@ -265,7 +266,7 @@ def test_export_uses_preference_in_force_and_tuner(tmp_path):
     model.set_preference([0.9, 0.1])
     export_lora(model, tmp_path / "a")
     export_lora(model.base_model, tmp_path / "b", preference=[0.9, 0.1])  # the tuner works too
-    from peft_palora.multitask import MultiTaskModel, linear_heads
+    from peft_palora.training.multitask import MultiTaskModel, linear_heads
 
     export_lora(MultiTaskModel(model, linear_heads(3, {"a": 2, "b": 2})), tmp_path / "c")  # and its backbone
     first = load_file(tmp_path / "a" / "adapter_model.safetensors")
@@ -573,4 +574,4 @@ def test_import_accepts_lora_with_saved_embedding_base(tmp_path):
 
 
 def test_public_names():
-    assert peft_palora.lora_interop.__all__ == ["export_lora", "export_lora_from_bundle", "from_lora_adapters"]
+    assert peft_palora.interop.lora.__all__ == ["export_lora", "export_lora_from_bundle", "from_lora_adapters"]

@@ -1,4 +1,4 @@
-"""Tests for peft_palora.recipes.multimnist: the pickle parser (never unpickling) and the MultiMNIST builder."""
+"""Tests for recipes.multimnist: the pickle parser (never unpickling) and the MultiMNIST builder."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from peft_palora.recipes import multimnist
-from peft_palora.recipes.multimnist import (
+from recipes import multimnist
+from recipes.multimnist import (
     SPLITS,
     compose_multimnist,
     find_mnist_file,

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader
 from transformers import ViTConfig, ViTModel
 
 import peft_palora
-from peft_palora.multitask import MultiTaskModel, linear_heads
 from peft_palora.preferences import AnnealedGridSampler
-from peft_palora.training import TRAINER_STATE_NAME, PaLoRATrainer, PaLoRATrainingArguments
+from peft_palora.training.multitask import MultiTaskModel, linear_heads
+from peft_palora.training.trainer import TRAINER_STATE_NAME, PaLoRATrainer, PaLoRATrainingArguments
 
 TASKS = ["left", "right"]
 PER_DEVICE_BATCH = 4
@@ -122,7 +122,7 @@ def _record_writes_under(root: str) -> list[tuple[str, str]]:
     import accelerate.utils.other
     import safetensors.torch
 
-    import peft_palora._atomic
+    import peft_palora.utils.atomic
 
     root = os.path.realpath(root)
     writes: list[tuple[str, str]] = []
@@ -155,7 +155,7 @@ def _record_writes_under(root: str) -> list[tuple[str, str]]:
         return wrapper
 
     torch.save = recording("torch.save", torch.save)
-    for module in (safetensors.torch, peft_palora._atomic, accelerate.utils.other):
+    for module in (safetensors.torch, peft_palora.utils.atomic, accelerate.utils.other):
         for attribute in ("save_file", "safe_save_file"):
             if hasattr(module, attribute):
                 setattr(module, attribute, recording("safetensors", getattr(module, attribute)))

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 import peft_palora
-from peft_palora.multitask import (
+from peft_palora.training.multitask import (
     EXTRA_TRAINABLE_FILENAME,
     MergedMultiTaskModel,
     MultiTaskModel,
@@ -78,7 +78,7 @@ def _saved_bert(tmp_path, files: dict[str, object]) -> BertModel:
 )
 def test_auto_pooling_follows_the_checkpoint(tmp_path, caplog, files, expected):
     base = _saved_bert(tmp_path, files)
-    with caplog.at_level(logging.INFO, logger="peft_palora.multitask"):
+    with caplog.at_level(logging.INFO, logger="peft_palora.training.multitask"):
         model = wrap(base, pooling="auto")
     assert model.pooling == expected
     assert f"chose {expected!r}" in caplog.text  # it says what it chose, and why

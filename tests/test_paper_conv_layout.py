@@ -11,7 +11,7 @@ from torch import nn
 
 import peft_palora
 from peft_palora import palora_layers
-from peft_palora.layer import PaperConvNd
+from peft_palora.tuner.layer import PaperConvNd
 
 
 class Net(nn.Module):

@@ -11,15 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from peft_palora import pareto
-from peft_palora.pareto import (
-    evaluate_front,
-    evaluate_front_batched,
-    hypervolume,
-    non_dominated,
-    num_non_dominated,
-    preference_consistency,
-)
+from peft_palora.fronts.evaluation import FRONT_QUALITY_METRIC_PATH, evaluate_front, evaluate_front_batched
+from peft_palora.pareto import hypervolume, non_dominated, num_non_dominated, preference_consistency
 
 # ---- independent references -----------------------------------------------------------------------------------------
 
@@ -561,4 +554,4 @@ def test_evaluate_front_batched_rejects_bad_batches_and_metrics():
 def test_front_quality_metric_path_is_shipped():
     import os
 
-    assert os.path.isfile(pareto.FRONT_QUALITY_METRIC_PATH)
+    assert os.path.isfile(FRONT_QUALITY_METRIC_PATH)

@@ -16,7 +16,7 @@ from transformers import AutoModel, BertConfig, BertModel
 
 import peft_palora
 from peft_palora import palora_layers
-from peft_palora._bundle_checks import check_local_bundle
+from peft_palora.tuner.bundle import check_local_bundle
 
 PREFS = [[1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0]]
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Tests for peft_palora.plotting: valid PNGs of the expected size, written atomically, no pyplot side effects."""
+"""Tests for peft_palora.fronts.plotting: valid PNGs of the expected size, written atomically, no pyplot side effects."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from peft_palora.plotting import plot_front_2d, plot_front_3d, plot_metrics_vs_preference
+from peft_palora.fronts.plotting import plot_front_2d, plot_front_3d, plot_metrics_vs_preference
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DPI = 150

@@ -11,7 +11,7 @@ from tiny_models import ConvModel
 from torch import nn
 
 import peft_palora
-from peft_palora.model import palora_layers
+from peft_palora.tuner.model import palora_layers
 
 TARGETS = ["conv2d", "grouped", "depthwise", "conv1d", "conv3d"]
 PATTERNS = {"rank_pattern": {"grouped": 3, "conv[13]d": 5}, "alpha_pattern": {"conv1d": 10.0}}
@@ -110,7 +110,7 @@ def test_bad_patterns_are_refused_naming_the_entry(overrides, error, message):
 
 
 def test_model_card_shows_the_patterns():
-    from peft_palora.hub import build_model_card
+    from peft_palora.interop.hub import build_model_card
 
     card = str(build_model_card(build().peft_config["default"]))
     assert "`rank_pattern` = {'grouped': 3, 'conv[13]d': 5}" in card

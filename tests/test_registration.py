@@ -28,7 +28,7 @@ def test_fresh_interpreter_registration(before):
         import importlib
         import peft_palora
         importlib.reload(peft_palora)  # a second import must not register twice or break anything
-        import peft_palora._registration as reg; reg.register()
+        import peft_palora.tuner.compat as reg; reg.register()
         from peft.utils import PeftType
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
         assert PeftType("PALORA") is PeftType.PALORA and PeftType.PALORA == "PALORA"
@@ -57,9 +57,9 @@ def test_import_stays_light():
         import peft, peft.tuners.lora  # what PEFT imports by itself is not ours to judge
         before = set(sys.modules)
         import peft_palora
-        heavy = ("matplotlib", "datasets", "evaluate", "moocore", "pandas", "peft_palora.recipes",
-                 "peft_palora.multimnist", "peft_palora.plotting", "peft_palora.training", "peft_palora.hf_trainer",
-                 "peft_palora.multitask", "peft_palora.hub", "peft_palora.lora_interop", "peft_palora.cli")
+        heavy = ("matplotlib", "datasets", "evaluate", "moocore", "pandas", "recipes",
+                 "peft_palora.multimnist", "peft_palora.fronts.plotting", "peft_palora.training", "peft_palora.training.hf_trainer",
+                 "peft_palora.training.multitask", "peft_palora.interop.hub", "peft_palora.interop.lora", "peft_palora.cli")
         added = set(sys.modules) - before
         print(sorted(m for m in added if m.split(".")[0] in heavy or m.startswith(heavy)))
         """

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 import peft_palora
-from peft_palora.multitask import MultiTaskModel, linear_heads, use_batch_statistics
+from peft_palora.training.multitask import MultiTaskModel, linear_heads, use_batch_statistics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ["a", "b"]
@@ -331,7 +331,7 @@ def test_per_sample_batch_norm_keeps_batch_statistics_models_exact():
 
 # ---- a saved bundle, as the main job writes it ----------------------------------------------------------------------
 def test_load_bundle_serves_a_saved_multitask_resnet(tmp_path, no_thread_left):
-    from peft_palora.recipes import small_backbone
+    from recipes import small_backbone
 
     torch.manual_seed(0)
     base = small_backbone("resnet")
@@ -373,7 +373,7 @@ def test_load_bundle_serves_a_saved_multitask_resnet(tmp_path, no_thread_left):
 
 @pytest.mark.slow
 def test_the_script_serves_from_the_command_line(tmp_path):
-    from peft_palora.recipes import small_backbone
+    from recipes import small_backbone
 
     torch.manual_seed(0)
     base = small_backbone("resnet")

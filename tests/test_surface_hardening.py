@@ -61,7 +61,7 @@ def _inline_text(token) -> str:
 
 @pytest.mark.parametrize("newline_in_task", [False, True], ids=["printable", "newline"])
 def test_hostile_names_add_no_structure_to_the_card(newline_in_task):
-    from peft_palora.hub import build_model_card
+    from peft_palora.interop.hub import build_model_card
 
     hostile = build_model_card(
         _config(HOSTILE_TASKS, ["value", HOSTILE_MODULE], newline_in_task),
@@ -98,7 +98,7 @@ def test_hostile_names_add_no_structure_to_the_card(newline_in_task):
 
 
 def test_the_usage_snippet_stays_valid_python_naming_the_tasks():
-    from peft_palora.hub import build_model_card
+    from peft_palora.interop.hub import build_model_card
 
     config = _config(HOSTILE_TASKS, ["value"], newline_in_task=True)
     body = _split(str(build_model_card(config, base_model=HOSTILE_BASE, repo_id='user/"repo"\\`')))[1]
@@ -119,7 +119,7 @@ def test_the_usage_snippet_stays_valid_python_naming_the_tasks():
     ["plain", "lambda_0", "a|b", "x\ny", "tab\there", "\u2028sep\u0085", "`<&>`", '"\\', "emoji \U0001f600 café", "\x00\x7f"],
 )
 def test_python_literal_round_trips(text):
-    from peft_palora.hub import _python_literal
+    from peft_palora.interop.hub import _python_literal
 
     literal = _python_literal(text)
     assert ast.literal_eval(literal) == text
@@ -136,7 +136,7 @@ def test_python_literal_round_trips(text):
     ],
 )
 def test_plain_names_are_left_readable(text, kept):
-    from peft_palora.hub import _escape_markdown
+    from peft_palora.interop.hub import _escape_markdown
 
     assert _escape_markdown(text) == kept
 
@@ -149,7 +149,7 @@ def test_plain_names_are_left_readable(text, kept):
     ],
 )
 def test_escaped_text_renders_as_itself_and_nothing_else(text):
-    from peft_palora.hub import _escape_markdown
+    from peft_palora.interop.hub import _escape_markdown
 
     escaped = _escape_markdown(text)
     tokens = _render(f"start {escaped} end")
@@ -161,7 +161,7 @@ def test_escaped_text_renders_as_itself_and_nothing_else(text):
 
 
 def test_metadata_with_hostile_values_round_trips_and_has_no_raw_html():
-    from peft_palora.hub import _metadata_yaml
+    from peft_palora.interop.hub import _metadata_yaml
 
     metadata = {
         "base_model": "a\n---\n<script>x</script>",
@@ -179,7 +179,7 @@ def test_write_model_card_writes_the_card_the_front_and_the_plot(tmp_path):
     import pandas as pd
     from test_hub import tiny_png
 
-    from peft_palora.hub import build_model_card, write_model_card
+    from peft_palora.interop.hub import build_model_card, write_model_card
 
     config = _config(PLAIN_TASKS, ["query"])
     report = {
@@ -228,7 +228,7 @@ def test_write_model_card_writes_the_card_the_front_and_the_plot(tmp_path):
     ],
 )
 def test_write_model_card_rejects_bad_input_before_writing(tmp_path, monkeypatch, kwargs, error, message):
-    from peft_palora.hub import write_model_card
+    from peft_palora.interop.hub import write_model_card
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.json").write_text("{not json")

@@ -16,15 +16,11 @@ from torch.utils.data import DataLoader
 from transformers import ResNetConfig, ResNetModel, ViTConfig, ViTModel
 
 import peft_palora
-from peft_palora.multitask import TASK_HEADS_FILENAME, MultiTaskModel, linear_heads
+from peft_palora.fronts.evaluation import write_front_report
 from peft_palora.preferences import AnnealedGridSampler
-from peft_palora.training import (
-    PaLoRATrainer,
-    PaLoRATrainingArguments,
-    resolve_window_mode,
-    window_task_losses,
-    write_front_report,
-)
+from peft_palora.training.multitask import TASK_HEADS_FILENAME, MultiTaskModel, linear_heads
+from peft_palora.training.trainer import PaLoRATrainer, PaLoRATrainingArguments
+from peft_palora.training.window import resolve_window_mode, window_task_losses
 
 TASKS = ["left", "right"]
 LABEL_COLUMNS = {"left": "labels_left", "right": "labels_right"}
@@ -341,7 +337,7 @@ def test_trainer_rejects_a_model_without_label_columns(tmp_path):
 def test_hf_trainer_loss_is_the_scalarised_window(tmp_path):
     from transformers import TrainingArguments
 
-    from peft_palora.hf_trainer import PaLoRAHFTrainer
+    from peft_palora.training.hf_trainer import PaLoRAHFTrainer
 
     model = tiny_model(init_weights=False)
     args = TrainingArguments(

@@ -34,7 +34,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 import peft_palora
-from peft_palora.layer import ConvNd, Embedding, Linear, PaLoRALayer
+from peft_palora.tuner.layer import ConvNd, Embedding, Linear, PaLoRALayer
 
 # ---- small custom torch modules -------------------------------------------------------------------------------------
 

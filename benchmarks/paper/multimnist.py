@@ -1,7 +1,7 @@
 """Reproduce the PaLoRA paper's MultiMNIST experiment (and MultiFashion, Fashion+MNIST) against PaMaL, LS and STL.
 
 Setting (the paper's code, github.com/nik-dim/palora, configs/experiment/multimnist): MultiLeNet (shared LeNet encoder,
-one 2-layer head per task), real MNIST digits composed into MultiMNIST (``peft_palora.recipes.multimnist``), Adam with
+one 2-layer head per task), real MNIST digits composed into MultiMNIST (``recipes.multimnist``), Adam with
 lr 1e-3, batch 256, 10 epochs. PaLoRA: r = 1 on every convolution and linear layer (heads included), base weights
 trained, adapters at lr x T; the two 5x5 convolutions get rank 5 (``rank_pattern``), the inner dimension r x k of the
 matrix product ``B (out*k, r*k) @ A (r*k, in*k)`` behind the paper code's r = 1 convolution adapters (the kernel delta
@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 # This folder (shared modules) and the repository root (peft_palora, for a checkout that is not pip-installed).
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2] / "examples")]
 
 import numpy as np  # noqa: E402
 import paper_training as pt  # noqa: E402

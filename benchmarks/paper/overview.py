@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2] / "examples")]
 
 import paper_training as pt  # noqa: E402
 from multimnist import LABELS, METHODS, RESULTS_DIR  # noqa: E402

@@ -1,7 +1,7 @@
 """MultiFashion and Fashion+MNIST, the PaLoRA paper's other two small benchmarks, built as MultiMNIST is.
 
 * **MultiFashion**: two Fashion-MNIST items overlaid, one in the top-left and one in the bottom-right of a 36x36
-  canvas, resized to 28x28 (the pairing, the composition and the resize are those of ``peft_palora.recipes.multimnist``).
+  canvas, resized to 28x28 (the pairing, the composition and the resize are those of ``recipes.multimnist``).
 * **Fashion+MNIST**: an MNIST digit in the top-left and a Fashion-MNIST item in the bottom-right, same composition.
 
 The two tasks keep MultiMNIST's names, ``left`` and ``right``: the class of the top-left image and of the
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from peft_palora.recipes.multimnist import compose_multimnist, load_mnist_arrays, make_multimnist, multimnist_pairs
+from recipes.multimnist import compose_multimnist, load_mnist_arrays, make_multimnist, multimnist_pairs
 
 FASHION_DIR_ENV = "PALORA_FASHION_MNIST_DIR"
 FASHION_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -144,7 +143,7 @@ def make_pair_dataset(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``(N, 1, 28, 28)`` float32 in [0, 1] and labels ``(N, 2)`` (top-left class, bottom-right class).
 
-    ``"multimnist"`` is ``peft_palora.recipes.multimnist.make_multimnist`` itself. The other two pair their sources with
+    ``"multimnist"`` is ``recipes.multimnist.make_multimnist`` itself. The other two pair their sources with
     ``multimnist_pairs`` (a seeded permutation per round, the top-left image ``perm[i]`` and the bottom-right one
     ``perm[i - 1]`` of the other source, which has as many images in every split) and overlay them with
     ``compose_multimnist``. Deterministic in ``(dataset, split, num_samples, seed)``.

@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 # This folder (shared modules) and the repository root (peft_palora, for a checkout that is not pip-installed).
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2] / "examples")]
 
 import numpy as np  # noqa: E402
 import paper_training as pt  # noqa: E402

@@ -80,7 +80,7 @@ class _SpecialForwardArgs:
     def __set__(self, obj, value) -> None:
         obj.__dict__[self._storage] = set(value)
         if obj.__dict__.get("peft_type") == PALORA_NAME:
-            from .peft_model import adopt
+            from peft_palora.tuner.peft_model import adopt
 
             adopt(obj)
 
@@ -95,8 +95,8 @@ def register() -> None:
     """Register PaLoRA with PEFT (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-    from .config import PaLoRAConfig
-    from .model import PaLoRAModel
+    from peft_palora.tuner.config import PaLoRAConfig
+    from peft_palora.tuner.model import PaLoRAModel
 
     peft_type = _add_peft_type_member()
     _install_preference_forward_arg()

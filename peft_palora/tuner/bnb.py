@@ -34,7 +34,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .layer import Linear, _frozen_copy
+from peft_palora.tuner.layer import Linear, _frozen_copy
 
 _MERGE_WARNING = (
     "Merging PaLoRA adapters into a {kind} bitsandbytes layer dequantises its weight, adds delta(lambda) and "
@@ -51,7 +51,7 @@ _4BIT_MERGE_REFUSED = (
     "costs nothing); (2) serve the trade-off with standard LoRA machinery: `model.export_lora(save_directory, "
     "preference=...)` writes a plain PEFT LoRA bundle for this quantised base; (3) for a merged model, load the base "
     "unquantised, `PeftModel.from_pretrained(base, bundle)`, `merge_and_unload()`, and quantise the result. To "
-    "requantise anyway, merge inside `with peft_palora.bnb.allow_4bit_requantization(): ...`."
+    "requantise anyway, merge inside `with peft_palora.tuner.bnb.allow_4bit_requantization(): ...`."
 )
 
 _ALLOW_4BIT: contextvars.ContextVar[bool] = contextvars.ContextVar("palora_allow_4bit_requantization", default=False)
@@ -305,7 +305,7 @@ class Linear8bitLt(_QuantizedLinear):
         self.get_base_layer().state.reset_grads()  # has_fp16_weights=True layers cache the weight's int8 codes
 
 
-def dispatch_bnb(target: nn.Module, adapter_name: str, **kwargs: Any) -> nn.Module | None:
+def dispatch_bnb(target: nn.Module, adapter_name: str, conv_layout: str = "peft", **kwargs: Any) -> nn.Module | None:
     """The PaLoRA layer for a (possibly already wrapped) bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, else None.
 
     Must run before the plain ``nn.Linear`` dispatch: both bitsandbytes layers subclass ``nn.Linear``.

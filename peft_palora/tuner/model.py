@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Union
 
@@ -12,14 +12,29 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from . import _per_call
-from ._bundle_checks import mismatched_sizes_ignored
-from .config import PaLoRAConfig
-from .layer import PaLoRALayer, PreferenceState, dispatch_layer, dispatch_layer_type_supported
-from .preferences import validate_preference
+from peft_palora.tuner import state as _per_call
+from peft_palora.tuner.bnb import check_base_weights_trainable, check_merge_allowed, dispatch_bnb
+from peft_palora.tuner.bundle import mismatched_sizes_ignored
+from peft_palora.tuner.config import PaLoRAConfig
+from peft_palora.tuner.layer import PaLoRALayer, PreferenceState, dispatch_default, dispatch_layer_type_supported
+from peft_palora.tuner.preference import validate_preference
 
 PreferenceLike = Union[torch.Tensor, np.ndarray, list, tuple, Mapping[str, float]]  # noqa: UP007 (runtime alias)
 
+
+
+# Tried in order for each targeted module, as PEFT's LoRA does: bitsandbytes' quantised linears first (they subclass
+# nn.Linear), then the plain layer types. Each returns the PaLoRA layer, or None when the module is not its kind.
+DISPATCHERS: list[Callable[..., nn.Module | None]] = [dispatch_bnb, dispatch_default]
+
+
+def dispatch_layer(target: nn.Module, adapter_name: str, **kwargs: Any) -> nn.Module | None:
+    """The PaLoRA layer for ``target`` from the first dispatcher that takes it, or None when none does."""
+    for dispatcher in DISPATCHERS:
+        new_module = dispatcher(target, adapter_name, **kwargs)
+        if new_module is not None:
+            return new_module
+    return None
 
 
 class PaLoRAModel(BaseTuner):
@@ -83,8 +98,6 @@ class PaLoRAModel(BaseTuner):
             "preference_state": self._preference_state(adapter_name, palora_config),
         }
         if palora_config.train_base_weights:
-            from .bnb import check_base_weights_trainable
-
             check_base_weights_trainable(target, current_key)  # quantised weights cannot train
         if isinstance(target, PaLoRALayer):
             target.update_layer(adapter_name, **kwargs)
@@ -255,8 +268,6 @@ class PaLoRAModel(BaseTuner):
     # ---- merging ------------------------------------------------------------------------------------------------
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
-        from .bnb import check_merge_allowed
-
         check_merge_allowed(self.model)  # 4-bit bases refuse before any layer is merged
         _check_no_tied_targets(self.model)
         for name in self._target_adapters(None):
@@ -282,9 +293,9 @@ class PaLoRAModel(BaseTuner):
     ) -> str:
         """Write a standard PEFT LoRA bundle equal to this model at `preference` (the one in force when None).
 
-        See [`peft_palora.lora_interop.export_lora`].
+        See [`peft_palora.interop.lora.export_lora`].
         """
-        from .lora_interop import export_lora
+        from peft_palora.tuner.conversion import export_lora
 
         return export_lora(self, save_directory, preference=preference, adapter_name=adapter_name)
 

@@ -1,8 +1,8 @@
 """Training PaLoRA with Accelerate: preference schedule, window of preferences, checkpoints and the final front.
 
-:class:`PaLoRATrainer` runs the paper's recipe on any :class:`~peft_palora.multitask.MultiTaskModel`:
+:class:`PaLoRATrainer` runs the paper's recipe on any :class:`~peft_palora.training.multitask.MultiTaskModel`:
 
-* every micro-batch is trained by :class:`~peft_palora.window.PreferenceWindow` -- the same object the
+* every micro-batch is trained by :class:`~peft_palora.training.window.PreferenceWindow` -- the same object the
   ``transformers.Trainer`` integration uses: a window of ``m`` preferences drawn at
   ``progress = step / total_steps`` (by default the deterministic
   :class:`~peft_palora.preferences.AnnealedGridSampler`), run as one forward over the batch repeated ``m`` times
@@ -31,35 +31,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._atomic import atomic_directory, atomic_write_text
-from .multitask import MultiTaskModel
-from .objectives import MultiTaskObjective, ObjectiveOutput
-from .preferences import PreferenceSampler, simplex_grid
-from .window import (  # noqa: F401  (re-exported: the window used to live here)
-    WINDOW_MODES,
+from peft_palora.fronts.evaluation import MetricFn, accuracy, evaluate_multitask
+from peft_palora.objectives import MultiTaskObjective, ObjectiveOutput
+from peft_palora.preferences import PreferenceSampler, simplex_grid
+from peft_palora.training.multitask import MultiTaskModel
+from peft_palora.training.window import (
     LossFn,
     PaLoRAArguments,
     PreferenceWindow,
     check_int_argument,
     check_real_argument,
     check_same_run,
-    has_batch_norm,
-    resolve_window_mode,
     window_step,
-    window_task_losses,
 )
+from peft_palora.utils.atomic import atomic_directory, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
-MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | float]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -75,7 +70,7 @@ def _like_transformers(name: str, default: Any, help: str | None = None) -> Any:
 
 @dataclass
 class PaLoRATrainingArguments(PaLoRAArguments):
-    """Settings of :class:`PaLoRATrainer`: the PaLoRA fields of :class:`~peft_palora.window.PaLoRAArguments` (shared
+    """Settings of :class:`PaLoRATrainer`: the PaLoRA fields of :class:`~peft_palora.training.window.PaLoRAArguments` (shared
     with the ``transformers.Trainer`` integration) plus the loop's own.
 
     The loop fields carry the names and help texts of ``transformers.TrainingArguments`` where they mean the same
@@ -175,56 +170,8 @@ def resolve_mixed_precision(choice: str) -> str:
     return "no"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------------------------------
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Fraction of rows whose arg-max logit is the label."""
-    return (logits.argmax(dim=-1) == labels).float().mean()
 
 
-@torch.no_grad()
-def evaluate_multitask(
-    model: nn.Module,
-    dataloader: Any,
-    preference: Any = None,
-    loss_fns: Mapping[str, LossFn] | None = None,
-    metric_fns: Mapping[str, MetricFn] | None = None,
-    gather: Callable[[Any], Any] | None = None,
-    unwrapped: MultiTaskModel | None = None,
-) -> dict[str, float]:
-    """``{<task>_loss, <task>_<metric>}`` of a :class:`MultiTaskModel` over ``dataloader`` at ``preference``.
-
-    Args:
-        model: the multi-task model (possibly wrapped by Accelerate; then pass ``unwrapped`` too).
-        preference: ``(T,)`` preference for this evaluation; ``None`` keeps the one in force.
-        loss_fns: ``{task: loss_fn(logits, labels)}``; cross-entropy by default.
-        metric_fns: ``{name: fn(logits, labels)}``; ``{"accuracy": accuracy}`` by default.
-        gather: combines each batch's ``(logits, labels)`` across processes (``accelerator.gather_for_metrics``).
-    """
-    unwrapped = unwrapped if unwrapped is not None else model
-    task_names = unwrapped.task_names
-    loss_fns = dict(loss_fns) if loss_fns is not None else {task: F.cross_entropy for task in task_names}
-    metric_fns = dict(metric_fns) if metric_fns is not None else {"accuracy": accuracy}
-    logits: dict[str, list[torch.Tensor]] = {task: [] for task in task_names}
-    labels: dict[str, list[torch.Tensor]] = {task: [] for task in task_names}
-    for batch in dataloader:
-        inputs = unwrapped.model_inputs(batch)
-        batch_labels = unwrapped.labels(batch)
-        outputs = model(**inputs) if preference is None else model(**inputs, preference=preference)
-        batch_logits = {task: outputs[task].float() for task in task_names}
-        if gather is not None:
-            batch_logits, batch_labels = gather((batch_logits, batch_labels))
-        for task in task_names:
-            logits[task].append(batch_logits[task].cpu())
-            labels[task].append(batch_labels[task].cpu())
-    metrics: dict[str, float] = {}
-    for task in task_names:
-        task_logits, task_labels = torch.cat(logits[task]), torch.cat(labels[task])
-        metrics[f"{task}_loss"] = float(loss_fns[task](task_logits, task_labels))
-        for name, metric_fn in metric_fns.items():
-            metrics[f"{task}_{name}"] = float(metric_fn(task_logits, task_labels))
-    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -536,7 +483,7 @@ class PaLoRATrainer:
         Returns the :func:`peft_palora.pareto.evaluate_front` table: ``pref_<task>`` columns then, per task,
         ``<task>_loss`` and ``<task>_<metric>``.
         """
-        from .pareto import evaluate_front
+        from peft_palora.fronts.evaluation import evaluate_front
 
         if preferences is None:
             preferences = simplex_grid(len(self.task_names), self.args.eval_points_per_side)
@@ -807,7 +754,7 @@ class _RunningStats:
 def _param_groups(
     model: MultiTaskModel, lr: float, weight_decay: float, adapter_lr_multiplier: float | None
 ) -> list[dict[str, Any]]:
-    from .optimization import adapter_param_groups
+    from peft_palora.training.optimization import adapter_param_groups
 
     return adapter_param_groups(model, lr=lr, weight_decay=weight_decay, adapter_lr_multiplier=adapter_lr_multiplier)
 
@@ -820,63 +767,3 @@ def _tracker_config(args: PaLoRATrainingArguments) -> dict[str, Any]:
     return config
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Reporting the front
-# ---------------------------------------------------------------------------------------------------------------------
-def write_front_report(
-    front: Any,
-    output_dir: str,
-    task_names: Sequence[str],
-    metric: str = "accuracy",
-    maximize: bool = True,
-    reference: Sequence[float] | None = None,
-) -> dict[str, Any]:
-    """Write the front's metrics (``front.json``), hypervolume and plot (``front.png``) to ``output_dir``.
-
-    Args:
-        front: the table of :meth:`PaLoRATrainer.evaluate_front` (``pref_<task>`` and ``<task>_<metric>`` columns).
-        metric: the per-task metric whose front is measured, e.g. ``"accuracy"`` or ``"loss"``.
-        maximize: whether larger values of ``metric`` are better.
-        reference: the hypervolume's reference point; default the origin when maximising, else 1.1 x the worst
-            value of each task.
-
-    Returns:
-        ``{"hypervolume": float, "reference": [...], "json": path, "plot": path or None}``; the plot is drawn for
-        two tasks only.
-    """
-    from .pareto import hypervolume
-
-    columns = [f"{task}_{metric}" for task in task_names]
-    missing = [column for column in columns if column not in front.columns]
-    if missing:
-        raise ValueError(f"`front` has no columns {missing}; available: {list(front.columns)}.")
-    points = front[columns].to_numpy(dtype=float)
-    preferences = front[[f"pref_{task}" for task in task_names]].to_numpy(dtype=float)
-    if reference is None:
-        reference = [0.0] * len(task_names) if maximize else (points.max(axis=0) * 1.1).tolist()
-    volume = float(hypervolume(points, reference=reference, maximize=maximize))
-    os.makedirs(output_dir, exist_ok=True)
-    report = {
-        "task_names": list(task_names),
-        "metric": metric,
-        "maximize": maximize,
-        "hypervolume": volume,
-        "reference": [float(value) for value in reference],
-        "front": front.to_dict(orient="records"),
-    }
-    json_path = os.path.join(output_dir, "front.json")
-    atomic_write_text(json_path, json.dumps(report, indent=2))
-    plot_path = None
-    if len(task_names) == 2:
-        from .plotting import plot_front_2d
-
-        plot_path = plot_front_2d(
-            points,
-            preferences,
-            path=os.path.join(output_dir, "front.png"),
-            labels=[f"{task} {metric}" for task in task_names],
-            maximize=maximize,
-            task_names=list(task_names),
-            title=f"PaLoRA front (hypervolume {volume:.4f})",
-        )
-    return {"hypervolume": volume, "reference": report["reference"], "json": json_path, "plot": plot_path}

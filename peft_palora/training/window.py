@@ -10,7 +10,7 @@
 3. how the ``(m, T)`` task losses become the scalar to back-propagate: a
    :class:`~peft_palora.objectives.MultiTaskObjective`.
 
-:class:`~peft_palora.training.PaLoRATrainer` (Accelerate) and :class:`~peft_palora.hf_trainer.PaLoRAHFTrainer`
+:class:`~peft_palora.training.PaLoRATrainer` (Accelerate) and :class:`~peft_palora.training.hf_trainer.PaLoRAHFTrainer`
 (``transformers.Trainer``) both call :meth:`PreferenceWindow.step`, and both take their PaLoRA settings from the
 fields of :class:`PaLoRAArguments`, so the two cannot drift apart.
 """
@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .multitask import repeat_batch
-from .objectives import BALANCING_CHOICES, MultiTaskObjective, ObjectiveOutput
-from .preferences import AnnealedGridSampler, PreferenceSampler
+from peft_palora.fronts.evaluation import LossFn
+from peft_palora.objectives import BALANCING_CHOICES, MultiTaskObjective, ObjectiveOutput
+from peft_palora.preferences import AnnealedGridSampler, PreferenceSampler
+from peft_palora.training.multitask import repeat_batch
 
 WINDOW_MODES = ("auto", "batched", "sequential")
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -43,7 +43,7 @@ class PaLoRAArguments:
     """The PaLoRA part of the training arguments: window, schedule, objective, adapter learning rate, front grid.
 
     Mixed into :class:`~peft_palora.training.PaLoRATrainingArguments` (Accelerate) and
-    :class:`~peft_palora.hf_trainer.PaLoRAHFTrainingArguments` (``transformers.TrainingArguments``), so both trainers
+    :class:`~peft_palora.training.hf_trainer.PaLoRAHFTrainingArguments` (``transformers.TrainingArguments``), so both trainers
     read the same fields with the same defaults and the same checks.
     """
 
@@ -162,7 +162,7 @@ def window_task_losses(
     interact, and the batched one amortises the per-call overhead; models with batch norm need the sequential one.
 
     Args:
-        model: a :class:`~peft_palora.multitask.MultiTaskModel` (possibly wrapped by Accelerate/DDP) returning
+        model: a :class:`~peft_palora.training.multitask.MultiTaskModel` (possibly wrapped by Accelerate/DDP) returning
             ``{task: logits}``.
         inputs: the backbone's inputs (no label columns).
         labels: ``{task: labels}`` for the ``B`` samples.
@@ -319,7 +319,7 @@ class PreferenceWindow:
             batch: model inputs and every task's label column.
             global_step, max_steps: the position in training (``progress = global_step / max_steps``).
             step: the sampler step, :func:`window_step`.
-            unwrapped: the :class:`~peft_palora.multitask.MultiTaskModel` under ``model`` (default ``model``).
+            unwrapped: the :class:`~peft_palora.training.multitask.MultiTaskModel` under ``model`` (default ``model``).
             device: where the preferences go (default: the device of the model's first parameter).
             reduce_fn: averages the loss balancer's observations over processes.
         """

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ..multitask import use_batch_statistics
+from peft_palora.training.multitask import use_batch_statistics
 
 DATASET_CHOICES = ("multimnist", "gss_wages")
 BACKBONE_CHOICES = ("resnet", "vit")
@@ -329,7 +329,7 @@ def feature_size(model: nn.Module) -> int:
 
 def build_heads(model: nn.Module, num_classes: dict[str, int]) -> nn.ModuleDict:
     """Linear heads on the backbone's pooled features."""
-    from ..multitask import linear_heads
+    from peft_palora.training.multitask import linear_heads
 
     return linear_heads(feature_size(model), num_classes)
 

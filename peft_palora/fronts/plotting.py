@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from .pareto import _as_maximize_flags, _as_points, non_dominated
+from peft_palora.pareto import _as_maximize_flags, _as_points, non_dominated
 
 __all__ = ["plot_front_2d", "plot_front_3d", "plot_metrics_vs_preference"]
 

@@ -20,7 +20,7 @@ the card: it reads as plain text and cannot add headings, code spans, links or H
 by a YAML serialiser (strings with line breaks or HTML characters double-quoted, with escapes), never by formatting
 strings, so it parses back to exactly the values given.
 * `model.push_to_hub(...)` on a PaLoRA model calls `push_palora_to_hub` (PaLoRA models are instances of
-  `peft_palora.peft_model`'s PeftModel subclasses); every other PEFT model keeps PEFT's method.
+  `peft_palora.tuner.peft_model`'s PeftModel subclasses); every other PEFT model keeps PEFT's method.
 
 Distributed training: only the main process pushes. `push_palora_to_hub` asks
 `accelerate.PartialState().is_main_process` (or takes `is_main_process=`); on every other process it returns `None`
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo, ModelCard
 
-    from .config import PaLoRAConfig
+    from peft_palora.tuner.config import PaLoRAConfig
 
 PLOT_STEM = "front"
 PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp")
@@ -359,14 +359,14 @@ def front_table_markdown(table: Any) -> str:
 # ---------------------------------------------------------------------------------------------------- the card
 def _versions() -> list[str]:
     lines = []
-    for label, distribution in (("PEFT", "peft"), ("Transformers", "transformers"), ("PyTorch", "torch")):
+    for label, distribution in (
+        ("peft_palora", "peft-palora"), ("PEFT", "peft"), ("Transformers", "transformers"), ("PyTorch", "torch")
+    ):
         try:
             lines.append(f"- {label} {importlib_metadata.version(distribution)}")
         except importlib_metadata.PackageNotFoundError:
             continue
-    from . import __version__
-
-    return [f"- peft_palora {__version__}", *lines]
+    return lines
 
 
 def _example_preference(task_names: list[str]) -> tuple[str, str]:
@@ -656,7 +656,7 @@ def write_model_card(
 
     Raises `TypeError`/`ValueError` naming the argument for malformed input, before anything is written.
     """
-    from ._atomic import atomic_write_text
+    from peft_palora.utils.atomic import atomic_write_text
 
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"`save_directory` must be a path, got {type(save_directory).__name__}.")

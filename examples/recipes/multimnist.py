@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._validation import check_int
+from peft_palora.utils.checks import check_int
 
 __all__ = [
     "MNIST_PATH_ENV",

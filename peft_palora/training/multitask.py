@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ._atomic import atomic_save_safetensors, atomic_write_text
+from peft_palora.utils.atomic import atomic_save_safetensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -473,7 +473,7 @@ class MultiTaskModel(nn.Module):
         The folder switches as a whole: bundle, heads and multi-task config are staged together and swapped in at
         once, so a crash never leaves the heads of one save beside the adapters of another.
         """
-        from ._atomic import atomic_directory, carry_into_staging
+        from peft_palora.utils.atomic import atomic_directory, carry_into_staging
 
         with atomic_directory(os.fspath(save_directory)) as staging:
             carry_into_staging(os.fspath(save_directory), staging, "README.md")  # PEFT updates the card in place
@@ -558,8 +558,6 @@ class MultiTaskModel(nn.Module):
         ``PeftModel.from_pretrained``.
         """
         from peft import PeftModel
-
-        import peft_palora  # noqa: F401  (registers the PALORA type)
 
         metadata_path = os.path.join(pretrained_path, MULTITASK_CONFIG_NAME)
         metadata: dict[str, Any] = {}

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .layer import PaLoRALayer
+from peft_palora.tuner.layer import PaLoRALayer
 
 
 def adapter_param_groups(

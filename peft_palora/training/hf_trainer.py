@@ -1,8 +1,8 @@
 """PaLoRA inside ``transformers.Trainer``, for users who already train that way.
 
-:class:`PaLoRAHFTrainer` is a ``Trainer`` for a :class:`~peft_palora.multitask.MultiTaskModel`:
+:class:`PaLoRAHFTrainer` is a ``Trainer`` for a :class:`~peft_palora.training.multitask.MultiTaskModel`:
 
-* its loss is PaLoRA's, computed by the same :class:`~peft_palora.window.PreferenceWindow` as the Accelerate
+* its loss is PaLoRA's, computed by the same :class:`~peft_palora.training.window.PreferenceWindow` as the Accelerate
   trainer's (same schedule, same sampler step, same default objective, same :class:`PaLoRAArguments` fields);
 * its optimizer gives the task adapters ``T`` times the learning rate;
 * ``remove_unused_columns`` works: the columns the backbone's ``forward`` accepts and the label columns are kept,
@@ -30,12 +30,19 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ._atomic import atomic_write_text
-from .multitask import MultiTaskModel
-from .objectives import MultiTaskObjective
-from .preferences import PreferenceSampler, simplex_grid
-from .training import MetricFn, accuracy, evaluate_multitask
-from .window import LossFn, PaLoRAArguments, PreferenceWindow, check_palora_arguments, check_same_run, window_step
+from peft_palora.fronts.evaluation import MetricFn, accuracy, evaluate_multitask
+from peft_palora.objectives import MultiTaskObjective
+from peft_palora.preferences import PreferenceSampler, simplex_grid
+from peft_palora.training.multitask import MultiTaskModel
+from peft_palora.training.window import (
+    LossFn,
+    PaLoRAArguments,
+    PreferenceWindow,
+    check_palora_arguments,
+    check_same_run,
+    window_step,
+)
+from peft_palora.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +53,7 @@ _PALORA_FIELDS = tuple(f.name for f in fields(PaLoRAArguments))
 
 @dataclass
 class PaLoRAHFTrainingArguments(TrainingArguments, PaLoRAArguments):
-    """``transformers.TrainingArguments`` plus the PaLoRA fields of :class:`~peft_palora.window.PaLoRAArguments`
+    """``transformers.TrainingArguments`` plus the PaLoRA fields of :class:`~peft_palora.training.window.PaLoRAArguments`
     (window, schedule, objective, adapter learning rate, front grid), read by ``HfArgumentParser`` like any other.
     """
 
@@ -56,7 +63,7 @@ class PaLoRAHFTrainingArguments(TrainingArguments, PaLoRAArguments):
 
 
 class PaLoRAHFTrainer(Trainer):
-    """A ``transformers.Trainer`` for a :class:`~peft_palora.multitask.MultiTaskModel`.
+    """A ``transformers.Trainer`` for a :class:`~peft_palora.training.multitask.MultiTaskModel`.
 
     Args:
         preference_sampler: rays per step; default ``AnnealedGridSampler(T, window_size, sampler_mul,
@@ -65,7 +72,7 @@ class PaLoRAHFTrainer(Trainer):
         metric_fns: ``{name: fn(logits, labels)}`` reported per task by :meth:`evaluate`; accuracy by default.
         objective: a :class:`~peft_palora.objectives.MultiTaskObjective`; default one built from the ``balancing``
             and ``consistency_*`` arguments (plain linear scalarisation), as in the Accelerate trainer.
-        **kwargs: the ``Trainer``'s own arguments, and any field of :class:`~peft_palora.window.PaLoRAArguments`
+        **kwargs: the ``Trainer``'s own arguments, and any field of :class:`~peft_palora.training.window.PaLoRAArguments`
             (``window_size``, ``window_mode``, ``sampler_mul``, ``sampler_epsilon``, ``balancing``,
             ``consistency_weight``, ``consistency_temperature``, ``adapter_lr_multiplier``, ``eval_points_per_side``,
             ``allow_changed_arguments``). Those are read from ``args`` when it is a
@@ -133,7 +140,7 @@ class PaLoRAHFTrainer(Trainer):
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """AdamW over ``peft_palora.adapter_param_groups``: adapters at ``lr * T``, the rest at ``lr``."""
         if self.optimizer is None:
-            from .optimization import adapter_param_groups
+            from peft_palora.training.optimization import adapter_param_groups
 
             groups = adapter_param_groups(
                 self.model,
@@ -256,7 +263,7 @@ class PaLoRAHFTrainer(Trainer):
         """The front over ``preferences`` (default ``simplex_grid(T, eval_points_per_side)``) on the eval set, one
         forward per batch for the whole grid: ``pref_<task>`` columns, then ``<task>_accuracy`` and ``<task>_loss``
         computed from the ``label_columns`` (see :meth:`MultiTaskModel.per_sample_metrics`)."""
-        from .pareto import evaluate_front_batched
+        from peft_palora.fronts.evaluation import evaluate_front_batched
 
         if preferences is None:
             preferences = simplex_grid(len(self.task_names), self.palora_args.eval_points_per_side)
@@ -363,7 +370,7 @@ def _weights_for_loss(model: MultiTaskModel, preference: Any) -> list[float] | N
     if preference is None:
         value = model.get_preference()
     else:
-        from .preferences import validate_preference
+        from peft_palora.preferences import validate_preference
 
         value = validate_preference(preference, model.num_tasks, task_names=model.task_names)
     value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
@@ -410,7 +417,8 @@ class FrontEvaluationCallback(TrainerCallback):
         self.fronts: dict[int, Any] = {}
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None, **kwargs):
-        from .pareto import evaluate_front_batched, hypervolume
+        from peft_palora.fronts.evaluation import evaluate_front_batched
+        from peft_palora.pareto import hypervolume
 
         if not isinstance(model, MultiTaskModel):
             raise TypeError(f"FrontEvaluationCallback needs a MultiTaskModel, got {type(model).__name__}.")

@@ -22,9 +22,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import _per_call
-from ._folded_conv import conv_with_rebuilt_kernel
-from ._per_call import scale_vector
+from peft_palora.tuner import state as _per_call
+from peft_palora.tuner.folded_conv import conv_with_rebuilt_kernel
+from peft_palora.tuner.state import scale_vector
 
 
 class PreferenceState:
@@ -612,19 +612,13 @@ def dispatch_layer_type_supported(module: nn.Module) -> bool:
     return isinstance(module, SUPPORTED_LAYER_TYPES)
 
 
-def dispatch_layer(target: nn.Module, adapter_name: str, conv_layout: str = "peft", **kwargs: Any) -> nn.Module | None:
-    """Build the PaLoRA layer for ``target``, or return None when its type is not supported.
+def dispatch_default(target: nn.Module, adapter_name: str, conv_layout: str = "peft", **kwargs: Any) -> nn.Module | None:
+    """The PaLoRA layer for a plain layer type, or None when ``target`` is not one (PEFT LoRA's ``dispatch_default``).
 
-    Backends are tried in order, as PEFT's LoRA does: bitsandbytes' quantised linears (when bitsandbytes is
-    installed), then the plain layer types. The weight layout follows the layer type: transformers' ``Conv1D``
-    stores (in, out) (``fan_in_fan_out``), ``nn.Linear`` (out, in), whatever the config's ``fan_in_fan_out`` says.
-    ``conv_layout`` picks the convolution adapter: ``"peft"`` (:class:`ConvNd`) or ``"paper"`` (:class:`PaperConvNd`).
+    The weight layout follows the layer type: transformers' ``Conv1D`` stores (in, out) (``fan_in_fan_out``),
+    ``nn.Linear`` (out, in), whatever the config's ``fan_in_fan_out`` says. ``conv_layout`` picks the convolution
+    adapter: ``"peft"`` (:class:`ConvNd`) or ``"paper"`` (:class:`PaperConvNd`).
     """
-    from .bnb import dispatch_bnb  # bitsandbytes' layers subclass nn.Linear: match them first
-
-    new_module = dispatch_bnb(target, adapter_name, **kwargs)
-    if new_module is not None:
-        return new_module
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, (nn.Linear, Conv1D)):
         return Linear(target, adapter_name, **kwargs)

@@ -20,7 +20,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, Peft
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from .layer import PaLoRALayer
+from peft_palora.tuner.layer import PaLoRALayer
 
 PALORA = "PALORA"
 _PEFT_PREFIX = "base_model.model."
@@ -55,8 +55,9 @@ def check_local_bundle(directory: str) -> dict | None:
     if peft_type != PALORA:
         return None
 
-    from .config import PaLoRAConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
+    PaLoRAConfig = PEFT_TYPE_TO_CONFIG_MAPPING[PALORA]  # the registered class (tuner.config imports this module)
     known = set(PaLoRAConfig.__dataclass_fields__)
     unknown = sorted(set(config) - known - {"runtime_config"})
     if unknown:

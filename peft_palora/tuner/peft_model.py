@@ -31,15 +31,15 @@ from peft import (
 )
 from torch import nn
 
-from . import _per_call
-from ._atomic import atomic_directory, carry_into_staging
-from ._bundle_checks import (
+from peft_palora.tuner import state as _per_call
+from peft_palora.tuner.bundle import (
     check_local_bundle,
     check_modules_to_save_present,
     ignoring_mismatched_sizes,
     local_bundle_dir,
     restore_base_model,
 )
+from peft_palora.utils.atomic import atomic_directory, carry_into_staging
 
 _README = "README.md"
 
@@ -63,7 +63,7 @@ class PaLoRAPeftModelMixin:
     def create_or_update_model_card(self, output_dir: str) -> None:
         """PaLoRA's own card for a new bundle; an existing card (perhaps edited by its owner) is updated as PEFT does."""
         if not os.path.isfile(os.path.join(output_dir, _README)):
-            from . import hub
+            from peft_palora.interop import hub
 
             writer = getattr(hub, "write_model_card", None)
             if writer is not None:
@@ -94,13 +94,13 @@ class PaLoRAPeftModelMixin:
         return result
 
     def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
-        """Publish the bundle with PaLoRA's model card in one commit (see `peft_palora.hub.push_palora_to_hub`).
+        """Publish the bundle with PaLoRA's model card in one commit (see `peft_palora.interop.hub.push_palora_to_hub`).
 
         Accepts the arguments of transformers' `push_to_hub` (`commit_message`, `commit_description`, `private`,
         `token`, `revision`, `create_pr`, `tags`; `max_shard_size` is accepted and ignored, adapters are never
         sharded) plus those of `push_palora_to_hub` (`front_table`, `hypervolume`, `plot_path`, ...).
         """
-        from .hub import push_palora_to_hub
+        from peft_palora.interop.hub import push_palora_to_hub
 
         if args:
             raise TypeError("push_to_hub() takes `repo_id` as its only positional argument on PaLoRA models.")

@@ -137,7 +137,7 @@ class PaLoRAConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` needs `layers_to_transform` to be set too.")
         if self.default_preference is not None:
-            from .preferences import validate_preference
+            from peft_palora.tuner.preference import validate_preference
 
             value = validate_preference(
                 self.default_preference, self.num_tasks, self.task_names, name="`default_preference`"
@@ -201,7 +201,7 @@ class PaLoRAConfig(PeftConfig):
         ``PeftModel.from_pretrained`` reads the config before it injects any layer, so a damaged or foreign bundle is
         refused here, naming the file, while the user's model is still untouched.
         """
-        from ._bundle_checks import check_local_bundle, local_bundle_dir
+        from peft_palora.tuner.bundle import check_local_bundle, local_bundle_dir
 
         directory = local_bundle_dir(pretrained_model_name_or_path, subfolder)
         if directory is not None:

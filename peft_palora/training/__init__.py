@@ -1,0 +1,1 @@
+"""Training PaLoRA: the multi-task model, the preference window, and the Accelerate and ``transformers`` trainers."""
