@@ -68,3 +68,34 @@ def test_import_stays_light():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
                             check=True)  # fmt: skip
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_patches_are_version_guarded_and_hold_on_the_installed_peft():
+    """The patches on PEFT are tested for the installed release; another release is warned about, by name."""
+    import warnings
+    from importlib import metadata
+
+    import peft
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from torch import nn
+
+    import peft_palora
+    from peft_palora.tuner import compat
+    from peft_palora.tuner.peft_model import PaLoRAPeftModelMixin
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compat.check_peft_version() is True  # the installed PEFT is in the tested range
+    assert metadata.version("peft") == peft.__version__
+    with pytest.warns(RuntimeWarning, match=r"peft_palora.tuner.compat.*found peft 0\.22\.0"):
+        assert compat.check_peft_version("0.22.0") is False
+    with pytest.warns(RuntimeWarning, match="found peft 0.20.1"):
+        assert compat.check_peft_version("0.20.1") is False
+
+    # The three patches, each observed on the installed PEFT: the enum member, the forward argument, the class.
+    model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), peft_palora.PaLoRAConfig(num_tasks=2, target_modules=["0"]))
+    assert peft.utils.PeftType.PALORA == "PALORA"
+    assert "preference" in model.special_peft_forward_args
+    assert isinstance(model, PaLoRAPeftModelMixin) and isinstance(model, PeftModel)
+    lora = get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoraConfig(target_modules=["0"]))
+    assert type(lora) is PeftModel and "preference" not in lora.special_peft_forward_args

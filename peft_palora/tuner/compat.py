@@ -1,8 +1,23 @@
-"""Make PaLoRA a first-class PEFT method.
+"""Make PaLoRA a first-class PEFT method: the registration, and every patch on PEFT, in one file.
 
-PEFT keeps its methods in the closed enum ``peft.utils.PeftType`` and ``register_peft_method`` refuses any name that
-is not a member. Python enums cannot be extended through their public API, so this module adds the ``PALORA`` member
-by hand -- in the one place, once -- and then registers the config and tuner classes the documented way.
+PaLoRA registers through PEFT's extension point (``register_peft_method``) and uses PEFT's own hooks where they
+exist (``_enable_peft_forward_hooks`` receives each call's ``preference``; layers are chosen by a list of
+dispatchers, as in LoRA). Three things have no extension point, so they are patched here and nowhere else:
+
+1. **The ``PeftType.PALORA`` member.** ``register_peft_method`` refuses names missing from the closed enum
+   ``peft.utils.PeftType``; enums cannot be extended through their public API. Would break if PEFT rebuilt the enum
+   after import or validated members another way.
+2. **The ``preference`` forward argument** (:class:`_SpecialForwardArgs`): ``PeftModel.forward``/``generate`` strip
+   the names in the instance attribute ``special_peft_forward_args`` before calling the base model, and no extension
+   point adds to it. Would break if PEFT stopped assigning that attribute in ``PeftModel.__init__``.
+3. **The class of a PaLoRA ``PeftModel``** (done by the same descriptor, when PEFT assigns the attribute): PEFT picks
+   the ``PeftModel`` class from the task type, never from the method, so PaLoRA's instances get a PaLoRA subclass of
+   the class PEFT chose (:mod:`peft_palora.tuner.peft_model`: atomic whole-bundle saves, checked loads that roll
+   back, PaLoRA's model card, ``generate`` marking the call so per-sample preferences cover beams). Would break if
+   PEFT assigned ``special_peft_forward_args`` before ``peft_type``.
+
+Each patch is tested against the installed PEFT (``tests/test_registration.py``), and the tested range is
+:data:`TESTED_PEFT_RANGE`: another PEFT version gets a warning at import naming this module.
 
 Everything here is idempotent: importing ``peft_palora`` twice, or after other PEFT code, or in a process where PEFT
 already knows ``PALORA`` (a future PEFT release), leaves exactly one consistent registration behind.
@@ -11,12 +26,32 @@ already knows ``PALORA`` (a future PEFT release), leaves exactly one consistent 
 from __future__ import annotations
 
 import enum
+import warnings
+from importlib import metadata
 
+from packaging.version import Version
 from peft import PeftModel
 from peft.utils import PeftType, register_peft_method
 
 PALORA_NAME = "PALORA"
 PREFERENCE_FORWARD_ARG = "preference"
+#: The PEFT releases the patches above are tested with (pyproject.toml pins the same range).
+TESTED_PEFT_RANGE = ("0.21.0", "0.22")
+
+
+def check_peft_version(version: str | None = None) -> bool:
+    """Warn (once per call) when the installed PEFT is outside :data:`TESTED_PEFT_RANGE`; True when inside."""
+    version = version if version is not None else metadata.version("peft")
+    low, high = TESTED_PEFT_RANGE
+    if Version(low) <= Version(version) < Version(high):
+        return True
+    warnings.warn(
+        f"peft_palora patches PEFT in three places (peft_palora.tuner.compat) and is tested with peft >={low},<{high}; "
+        f"found peft {version}. If PaLoRA models misbehave, install a tested PEFT release.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return False
 
 
 def _add_peft_type_member() -> PeftType:
@@ -98,6 +133,7 @@ def register() -> None:
     from peft_palora.tuner.config import PaLoRAConfig
     from peft_palora.tuner.model import PaLoRAModel
 
+    check_peft_version()
     peft_type = _add_peft_type_member()
     _install_preference_forward_arg()
 
