@@ -20,6 +20,7 @@ LAYERS = [
     ("method", ["peft_palora.preferences", "peft_palora.objectives", "peft_palora.pareto"]),
     ("fronts", ["peft_palora.fronts"]),
     ("training", ["peft_palora.training"]),
+    ("alignment", ["peft_palora.alignment"]),
     ("interop", ["peft_palora.interop"]),
     ("cli", ["peft_palora.cli"]),
 ]
