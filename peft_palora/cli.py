@@ -1,16 +1,9 @@
 """The `palora` command line: inspect a PaLoRA bundle, evaluate its Pareto front, export one point of it as a LoRA.
 
-```
-palora info ADAPTER_DIR [--base BASE] [--json]
-palora front ADAPTER_DIR_OR_HUB_ID --out DIR --data FILE [--input_column COLUMN] [--label_columns task=column,...]
-             [--base BASE] [--points 11]
-palora export-lora ADAPTER_DIR --out DIR [--preference 0.7,0.3] [--base BASE]
-```
-
-`palora front` expects a bundle saved by `MultiTaskModel.save_pretrained` (as `examples/train_mtl.py` writes it):
-the adapter bundle, `task_heads.safetensors` and, for a backbone trained from scratch, its `base_model/` folder.
-The data is the user's file (`peft_palora.fronts.data.load_front_data`); `examples/train_mtl.py` writes its test
-split next to the bundle, so its front is measured again with
+A thin shell over the library: `palora info` reads a bundle's config and tensor shapes, `palora front` loads a
+`MultiTaskModel` bundle and evaluates it on the user's data file (`peft_palora.fronts.data.load_front_data`) over a
+preference grid, `palora export-lora` calls `peft_palora.interop.lora.export_lora_from_bundle`. `examples/train_mtl.py`
+writes its test split next to its bundle, so its front is measured again with
 
 ```
 palora front outputs/train_mtl --data outputs/train_mtl/eval.parquet --out front/
@@ -30,7 +23,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
@@ -277,24 +270,14 @@ def _is_norm_statistic(key: str) -> bool:
 
 
 def run_front(
-    bundle: str,
-    out: str,
-    data_file: str,
-    base: str | None = None,
-    points: int = 11,
-    max_samples: int | None = None,
-    batch_size: int = 1000,
-    input_column: str | None = None,
-    label_columns: str | Mapping[str, str] | Sequence[str] | None = None,
-    data_format: str | None = None,
-    max_length: int = 128,
-    image_size: int | None = None,
-    quiet: bool = False,
+    bundle: str, out: str, data_file: str, base: str | None = None, points: int = 11, batch_size: int = 1000,
+    quiet: bool = False, **data_options: Any,
 ) -> dict[str, Any]:
     """Evaluate a saved multi-task bundle on `data_file` at every point of `simplex_grid(T, points)`.
 
-    The file is read by :func:`peft_palora.fronts.data.load_front_data`. Writes `front.csv`, `front.json` and the
-    plots to `out`. A progress bar over preferences x batches goes to stderr unless `quiet`.
+    The file is read by :func:`peft_palora.fronts.data.load_front_data`, which gets `data_options` (`input_column`,
+    `label_columns`, `max_samples`, ...). Writes `front.csv`, `front.json` and the plots to `out`. A progress bar
+    over preferences x batches goes to stderr unless `quiet`.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -307,18 +290,14 @@ def run_front(
     from peft_palora.training.multitask import MultiTaskModel
     from peft_palora.utils.atomic import atomic_write_text
 
-    limits = (("--points", points, 2), ("--batch_size", batch_size, 1), ("--max_samples", max_samples, 1))
-    for name, value, least in limits[: 2 if max_samples is None else 3]:
+    for name, value, least in (("--points", points, 2), ("--batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise CLIError(f"{name} must be an integer >= {least}, got {value!r}.")
     metadata = _read_multitask_metadata(bundle)
     base_model, tokenizer = _load_base(bundle, base, batch_statistics=bool(metadata.get("batch_statistics")))
     with _quiet_transformers():
         model = MultiTaskModel.from_pretrained(base_model, bundle).eval()
-    data = load_front_data(
-        data_file, model, tokenizer, input_column=input_column, label_columns=label_columns, data_format=data_format,
-        max_samples=max_samples, max_length=max_length, image_size=image_size,
-    )
+    data = load_front_data(data_file, model, tokenizer, **data_options)
     model.label_columns = data.label_columns
     loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=data.collate_fn)
     grid = simplex_grid(model.num_tasks, points)
@@ -359,11 +338,10 @@ def cmd_front(args: argparse.Namespace) -> int:
             "--data FILE is required: the data to evaluate on (examples/train_mtl.py writes its test split as "
             "eval.parquet next to the bundle)."
         )
+    options = ("input_column", "label_columns", "data_format", "max_samples", "max_length", "image_size")
     report = run_front(
         _bundle_dir(args.adapter, args.revision), args.out, args.data, base=args.base, points=args.points,
-        max_samples=args.max_samples, batch_size=args.batch_size, input_column=args.input_column,
-        label_columns=args.label_columns, data_format=args.data_format, max_length=args.max_length,
-        image_size=args.image_size, quiet=args.quiet,
+        batch_size=args.batch_size, quiet=args.quiet, **{name: getattr(args, name) for name in options},
     )
     print(f"hypervolume ({report['metric']}, reference {report['reference']}): {report['hypervolume']:.4f}")
     print(f"table: {report['table']}")

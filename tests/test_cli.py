@@ -366,3 +366,14 @@ def test_front_data_reads_a_model_by_its_attributes_only(tmp_path):
         load_front_data(str(tmp_path / "d.jsonl"), model, label_columns=3)
     with pytest.raises(ValueError, match="`data_file` .* is not a file"):
         load_front_data(str(tmp_path / "none.jsonl"), model)
+    with pytest.raises(ValueError, match="`max_samples` must be a positive integer"):
+        load_front_data(str(tmp_path / "d.jsonl"), model, label_columns="a,b", max_samples=0)
+
+
+def test_front_help_shows_how_to_measure_the_example_bundle_again(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["front", "--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "palora front outputs/train_mtl --data outputs/train_mtl/eval.parquet --out front/" in help_text
+    assert "--dataset" not in help_text

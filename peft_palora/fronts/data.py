@@ -231,6 +231,9 @@ def load_front_data(
     """
     import datasets
 
+    for name, value in (("max_samples", max_samples), ("max_length", max_length), ("image_size", image_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     task_names = list(model.task_names)
     data = read_data_file(data_file, data_format)
     columns = list(data.column_names)
