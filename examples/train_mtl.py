@@ -4,7 +4,11 @@ What it shows: a transformers backbone gets PaLoRA task adapters (``get_peft_mod
 and one head per task; ``PaLoRATrainer`` (Accelerate) trains it with the paper's annealed preference schedule,
 a window of preferences per step and adapters at T x the learning rate; the trained model is evaluated at an
 11-point preference grid on the test set. The output folder receives the adapter bundle and the task heads, the
-per-preference metrics with the front's hypervolume (``front.json``) and a plot of the front (``front.png``).
+per-preference metrics with the front's hypervolume (``front.json``), a plot of the front (``front.png``) and the
+test split it was measured on (``eval.parquet``: the model input column and one label column per task), which the
+``palora`` command reads to measure the saved bundle's front again:
+
+    palora front outputs/train_mtl --data outputs/train_mtl/eval.parquet --out front/
 
 Default run (no arguments): MultiMNIST (two overlapping digits; task "left" and task "right"), a small ResNet
 trained from scratch with its base weights (the paper's setting), 500 steps of 128 images with a window of 3
@@ -36,6 +40,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from peft import get_peft_model
 from recipes import (
+    MultiTaskData,
     build_heads,
     default_pooling,
     default_target_modules,
@@ -105,6 +110,28 @@ class TrainingArguments(PaLoRATrainingArguments):
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save a checkpoint every N steps."})
 
 
+def write_eval_split(data: MultiTaskData, output_dir: str) -> str | None:
+    """The test split as ``eval.parquet``, in the form ``palora front --data`` reads: the model input (``pixel_values``,
+    or the raw text of a text dataset) and the label columns under the names the bundle saves as its own."""
+    import datasets
+
+    split, labels = data.eval.with_format(None), list(data.label_columns.values())
+    if "pixel_values" in split.column_names:
+        split = split.select_columns(["pixel_values", *labels])
+    elif "eval_text" in data.extra:
+        split = split.select_columns(labels).add_column("text", data.extra["eval_text"])
+    else:
+        return None
+    path = os.path.join(output_dir, "eval.parquet")
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    split.to_parquet(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    if bars:
+        datasets.enable_progress_bars()
+    return path
+
+
 def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, PaLoRAArguments, TrainingArguments))
     model_args, data_args, palora_args, training_args = parser.parse_args_into_dataclasses()
@@ -165,6 +192,13 @@ def main() -> None:
         print(f"per-preference metrics and hypervolume: {os.path.abspath(report['json'])}")
         if report["plot"]:
             print(f"front plot: {os.path.abspath(report['plot'])}")
+        eval_path = write_eval_split(data, training_args.output_dir)
+        if eval_path:
+            max_length = f" --max_length {data.extra['max_length']}" if "max_length" in data.extra else ""
+            print(
+                f"measure the saved bundle again: palora front {training_args.output_dir} --data {eval_path} "
+                f"--batch_size {data_args.per_device_eval_batch_size}{max_length} --out front/"
+            )
         if training_args.push_to_hub:
             from peft_palora.interop.hub import push_palora_to_hub
 

