@@ -48,5 +48,5 @@ def check_real(
 
 
 def check_positive(value: object, name: str, *, finite: bool = True, expected: str = "a number") -> float:
-    """``value`` as a float > 0 (finite unless ``finite=False``): :func:`check_real` with ``minimum=0, strict=True``."""
+    """``value`` as a float > 0, finite unless ``finite=False``: ``check_real(..., minimum=0, strict=True)``."""
     return check_real(value, name, minimum=0, strict=True, finite=finite, expected=expected)
