@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peft_palora.utils.atomic import atomic_save_safetensors, atomic_write_text
+from peft_palora.utils.checks import check_int
+from peft_palora.utils.json_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +36,7 @@ def linear_heads(in_features: int, num_classes: Mapping[str, int]) -> nn.ModuleD
     if not num_classes:
         raise ValueError("`num_classes` must name at least one task.")
     for task, classes in num_classes.items():
-        if not isinstance(classes, int) or classes < 1:
-            raise ValueError(f"`num_classes[{task!r}]` must be a positive int, got {classes!r}.")
+        check_int(classes, f"`num_classes[{task!r}]`", minimum=1)
     return nn.ModuleDict({task: nn.Linear(in_features, classes) for task, classes in num_classes.items()})
 
 
@@ -155,9 +156,8 @@ def detect_pooling(model: nn.Module) -> tuple[str, str]:
         pooling_config = _checkpoint_file(name, _POOLING_CONFIG)
         if pooling_config is not None:
             try:
-                with open(pooling_config, encoding="utf-8") as handle:
-                    modes = json.load(handle)
-            except (OSError, ValueError):
+                modes = read_json(pooling_config, what="sentence-transformers pooling config")
+            except ValueError:  # a damaged pooling config is only a hint lost: fall back to mean pooling
                 modes = {}
             if modes.get("pooling_mode_cls_token") and not modes.get("pooling_mode_mean_tokens"):
                 return (
@@ -562,8 +562,7 @@ class MultiTaskModel(nn.Module):
         metadata_path = os.path.join(pretrained_path, MULTITASK_CONFIG_NAME)
         metadata: dict[str, Any] = {}
         if os.path.isfile(metadata_path):
-            with open(metadata_path, encoding="utf-8") as handle:
-                metadata = json.load(handle)
+            metadata = read_json(metadata_path, what="multi-task config")
         label_columns = kwargs.pop("label_columns", metadata.get("label_columns"))
         pooling = kwargs.pop("pooling", metadata.get("pooling", "auto"))
         if heads is None:

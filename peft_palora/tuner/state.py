@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from peft_palora.utils.context import contextvar_scope
+
 
 class CallPreferences:
     """The preferences of one call, per adapter name: each (T,) or (rows, T), fixed for the call's duration.
@@ -76,11 +78,8 @@ def current() -> CallPreferences | None:
 @contextmanager
 def call_preferences(snapshot: CallPreferences | None) -> Iterator[None]:
     """Make ``snapshot`` the preferences of the layers run inside the block (in this thread/context only)."""
-    token = _CURRENT.set(snapshot)
-    try:
+    with contextvar_scope(_CURRENT, snapshot):
         yield
-    finally:
-        _CURRENT.reset(token)
 
 
 # Keyword arguments whose leading dimension is the batch, in the order a transformers model is most likely to get them.
@@ -111,11 +110,8 @@ def call_batch() -> tuple[int, str, tuple[int, ...]] | None:
 
 @contextmanager
 def recording_batch(args: tuple, kwargs: Mapping[str, Any]) -> Iterator[None]:
-    token = _CALL_BATCH.set(batch_of(args, kwargs))
-    try:
+    with contextvar_scope(_CALL_BATCH, batch_of(args, kwargs)):
         yield
-    finally:
-        _CALL_BATCH.reset(token)
 
 
 _GENERATING: contextvars.ContextVar[bool] = contextvars.ContextVar("palora_generating", default=False)
@@ -129,11 +125,8 @@ def generating() -> bool:
 @contextmanager
 def generation() -> Iterator[None]:
     """Mark the block as a `generate` call."""
-    token = _GENERATING.set(True)
-    try:
+    with contextvar_scope(_GENERATING, True):
         yield
-    finally:
-        _GENERATING.reset(token)
 
 
 class _PreferencePreservingCheckpoint:
