@@ -268,6 +268,7 @@ def export_task_loras(model: Any, save_directory: str | os.PathLike, adapter_nam
             *(f"model.load_adapter('<dir>/{task}', adapter_name='{task}')" for task in tasks[1:]),
             f"model.add_weighted_adapter({tasks!r}, weights=lambda_, adapter_name='mix', combination_type='cat')",
             "model.set_adapter('mix')",
+            "model.eval()  # PEFT builds the mixed adapter's lora_dropout modules in training mode",
         ],
         "weights": (
             "weights = lambda itself: PEFT's combination_type='cat' multiplies each task's A by weight * scaling "
