@@ -42,7 +42,7 @@ from peft_palora.tuner.conversion import (
 )
 from peft_palora.tuner.layer import ConvNd, Embedding, Linear
 
-__all__ = ["export_lora", "export_lora_from_bundle", "export_task_loras", "export_task_loras_from_bundle", "from_lora_adapters"]
+__all__ = ["export_lora", "export_lora_from_bundle", "from_lora_adapters"]
 
 
 
