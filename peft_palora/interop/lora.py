@@ -38,6 +38,7 @@ from peft_palora.tuner.conversion import (
     _plain_module_names,
     _target_modules_for,
     export_lora,
+    export_task_loras,
 )
 from peft_palora.tuner.layer import ConvNd, Embedding, Linear
 
@@ -106,18 +107,43 @@ def export_lora_from_bundle(
     Returns:
         The path of ``save_directory``.
     """
+    if not isinstance(bundle_dir, (str, os.PathLike)) or not os.path.isdir(bundle_dir):
+        raise ValueError(f"`bundle_dir` must be an existing folder, got {bundle_dir!r}.")
+    if isinstance(preference, str):
+        preference = parse_preference_string(preference)
+    peft_model = _load_palora_bundle(bundle_dir, base)
+    return export_lora(peft_model, save_directory, preference=preference)
+
+
+def export_task_loras_from_bundle(
+    bundle: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | nn.Module | None = None
+) -> str:
+    """Load a saved PaLoRA bundle onto its base model (offline) and :func:`export_task_loras` it: ``out/<task>/``
+    is one plain PEFT LoRA per task and ``out/palora_tasks.json`` the rule that mixes them (``palora export-task-loras``).
+
+    Args:
+        bundle: a local PaLoRA bundle folder.
+        out: the folder to write.
+        base: the base model, as for :func:`export_lora_from_bundle`.
+
+    Returns:
+        The path of ``out``.
+    """
+    return export_task_loras(_load_palora_bundle(bundle, base, name="bundle"), out)
+
+
+def _load_palora_bundle(bundle_dir: Any, base: str | os.PathLike | nn.Module | None, name: str = "bundle_dir"):
+    """The PaLoRA `PeftModel` of a local bundle on its base model (`base`, else ``base_model/``, else the config's)."""
     from peft import PeftModel
 
     from peft_palora.tuner.bundle import check_local_bundle
 
     if not isinstance(bundle_dir, (str, os.PathLike)) or not os.path.isdir(bundle_dir):
-        raise ValueError(f"`bundle_dir` must be an existing folder, got {bundle_dir!r}.")
+        raise ValueError(f"`{name}` must be an existing folder, got {bundle_dir!r}.")
     bundle_dir = os.fspath(bundle_dir)
     config = check_local_bundle(bundle_dir)
     if config is None:
         raise ValueError(f"{bundle_dir} holds no PaLoRA bundle ({CONFIG_NAME} missing or peft_type is not 'PALORA').")
-    if isinstance(preference, str):
-        preference = parse_preference_string(preference)
     if isinstance(base, nn.Module):
         base_model = base
     else:
@@ -133,8 +159,7 @@ def export_lora_from_bundle(
                 f"The bundle {bundle_dir} names no base model and has no base_model/ folder; pass `base`."
             )
         base_model = _load_base_model(source, config.get("task_type"), config.get("revision"))
-    peft_model = PeftModel.from_pretrained(base_model, bundle_dir)
-    return export_lora(peft_model, save_directory, preference=preference)
+    return PeftModel.from_pretrained(base_model, bundle_dir)
 
 
 def parse_preference_string(text: str) -> list[float] | dict[str, float]:

@@ -390,10 +390,20 @@ class MultiTaskModel(nn.Module):
     def export_lora(self, save_directory: str, preference: Any = None, **kwargs: Any) -> Any:
         """``backbone.export_lora`` (a plain PEFT LoRA bundle equal to the model at ``preference``) plus the heads
         (``task_heads.safetensors``) and ``multitask_config.json`` beside it."""
-        export = getattr(self.backbone, "export_lora", None)
-        if not callable(export):
-            raise AttributeError(f"{type(self.backbone).__name__} has no `export_lora` (needs a newer peft_palora).")
-        result = export(save_directory, preference=preference, **kwargs)
+        from peft_palora.tuner.conversion import export_lora
+
+        # Given this model (not its backbone), a refusal names what works for a MultiTaskModel.
+        result = export_lora(self, save_directory, preference=preference, **kwargs)
+        save_task_heads(self.heads, save_directory)
+        self._write_multitask_config(save_directory)
+        return result
+
+    def export_task_loras(self, save_directory: str, **kwargs: Any) -> Any:
+        """``backbone.export_task_loras`` (one plain PEFT LoRA per task and ``palora_tasks.json``) plus the heads
+        (``task_heads.safetensors``) and ``multitask_config.json`` beside them."""
+        from peft_palora.tuner.conversion import export_task_loras
+
+        result = export_task_loras(self, save_directory, **kwargs)
         save_task_heads(self.heads, save_directory)
         self._write_multitask_config(save_directory)
         return result

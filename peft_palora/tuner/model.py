@@ -119,6 +119,7 @@ class PaLoRAModel(BaseTuner):
         self._replaced_during_injection = []
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+            self._record_base_weight_training(adapter_name)
         except BaseException as error:
             # A refused injection must not leave the user's model half-adapted: put back every replaced layer.
             for parent, target_name, original in reversed(self._replaced_during_injection):
@@ -298,6 +299,41 @@ class PaLoRAModel(BaseTuner):
         from peft_palora.tuner.conversion import export_lora
 
         return export_lora(self, save_directory, preference=preference, adapter_name=adapter_name)
+
+    def export_task_loras(self, save_directory: str, adapter_name: str | None = None) -> str:
+        """Write each task adapter as a standard PEFT LoRA bundle (`save_directory/<task_name>/`) and
+        `save_directory/palora_tasks.json`, the task order and the rule that mixes them: the model at `lambda` is
+        `add_weighted_adapter(tasks, weights=lambda, combination_type="cat")` of those LoRAs in plain PEFT.
+
+        See [`peft_palora.tuner.conversion.export_task_loras`].
+        """
+        from peft_palora.tuner.conversion import export_task_loras
+
+        return export_task_loras(self, save_directory, adapter_name=adapter_name)
+
+    # ---- PEFT's LoRA conversion (peft.convert_to_lora / peft.save_as_lora) --------------------------------------
+    def _record_base_weight_training(self, adapter_name: str) -> None:
+        """Tell each layer whether `adapter_name` trains its base weight (its LoRA conversion depends on it)."""
+        config = self.peft_config.get(adapter_name)
+        trains = bool(getattr(config, "train_base_weights", False))
+        for _, layer in self._palora_layers(adapter_name):
+            layer.trains_base_weights[adapter_name] = trains
+
+    def lora_conversion_refusals(self, adapter_name: str = "default") -> dict[str, str]:
+        """`{layer path: reason}` for every PaLoRA layer that `peft.convert_to_lora` cannot convert (PEFT itself
+        only names the layer types). Empty when the whole adapter converts, at the preference in force."""
+        return {
+            name: reason
+            for name, layer in self._palora_layers(adapter_name)
+            if (reason := layer.lora_conversion_refusal(adapter_name)) is not None
+        }
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's conversion protocol: whether every PaLoRA layer of `adapter_name` converts (see
+        `lora_conversion_refusals` for the reasons when not)."""
+        if not any(True for _ in self._palora_layers(adapter_name)):
+            return False
+        return not self.lora_conversion_refusals(adapter_name)
 
     # ---- saving and loading -------------------------------------------------------------------------------------
     @classmethod
