@@ -355,6 +355,73 @@ def test_push_validates_before_contacting_the_hub_and_skips_other_processes(tiny
     assert push_palora_to_hub(tiny_palora_model, "user/repo", front_table=FRONT_ROWS, is_main_process=False) is None
 
 
+def test_the_main_jobs_card_names_no_local_path_shows_the_front_and_the_heads(tmp_path):
+    """What `examples/train_mtl.py` saves: a from-scratch base recorded by its absolute path, task heads, a front."""
+    import pandas as pd
+    import torch
+    from peft import get_peft_model
+    from transformers import BertConfig, BertModel
+
+    from peft_palora import PaLoRAConfig
+    from peft_palora.fronts.evaluation import write_front_report
+    from peft_palora.interop.hub import write_model_card
+    from peft_palora.training.multitask import MultiTaskModel, linear_heads
+
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(**BERT_KWARGS))  # built from a config: `name_or_path` is ""
+    base.batch_norm = torch.nn.BatchNorm1d(4, track_running_stats=False)  # normalises with batch statistics
+    base_dir = str(tmp_path / "machine" / "run" / "base_model")
+    config = PaLoRAConfig(task_names=TASKS, r=2, target_modules=["query"])
+    backbone = get_peft_model(base, config)
+    backbone.peft_config["default"].base_model_name_or_path = base_dir
+    model = MultiTaskModel(backbone, linear_heads(32, {"sentiment": 2, "topic": 3}))
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+    model.save_pretrained(out)  # a second save updates the existing card as PEFT does (PEFT writes `base_model: ''`)
+
+    def card():
+        text = (out / "README.md").read_text(encoding="utf-8")
+        assert str(tmp_path) not in text and "\\x3c" not in text
+        return parse_card(text)
+
+    metadata, body = card()
+    assert "base_model" not in metadata and not any(tag.startswith("base_model:") for tag in metadata["tags"])
+    assert body.startswith("\n# PaLoRA adapter for base_model\n")  # the folder's name only
+    assert 'BertModel.from_pretrained("base_model")' in body
+    assert "`MultiTaskModel.from_pretrained(base, path)` loads heads and adapters together" in body
+    assert "MISSING or newly initialised" in body and "palora front --help" in body
+
+    # The front as `write_front_report` writes it: the card shows preferences and accuracies (not the losses) and the
+    # hypervolume; by hand, 0.6*0.8 + (0.8-0.6)*0.7 + (0.9-0.8)*0.5 against the origin.
+    front = pd.DataFrame([
+        {"pref_sentiment": row["preference"][0], "pref_topic": row["preference"][1],
+         "sentiment_accuracy": row["sentiment accuracy"], "topic_accuracy": row["topic accuracy"],
+         "sentiment_loss": 1.0, "topic_loss": 2.0}
+        for row in FRONT_ROWS
+    ])
+    write_front_report(front, str(out), TASKS, metric="accuracy")
+    write_model_card(model, out)
+    metadata, body = card()
+    assert "| pref_sentiment | pref_topic | sentiment_accuracy | topic_accuracy |" in body
+    assert "| 0.8 | 0.2 | 0.9 | 0.5 |" in body and "_loss" not in body
+    assert f"Hypervolume: **{FRONT_HYPERVOLUME:.6g}** (reference point (0, 0))" in body
+    assert "![Pareto front of this adapter](front.png)" in body
+    assert "base_model" not in metadata
+
+
+def test_a_hub_base_model_is_named_and_a_local_one_is_not(tiny_palora_model, tmp_path):
+    from peft_palora.interop.hub import build_model_card
+
+    for local in (str(tmp_path / "bases" / "my-bert"), "./my-bert", "C:\\models\\my-bert"):
+        metadata, body = parse_card(str(build_model_card(tiny_palora_model, base_model=local)))
+        assert "base_model" not in metadata and "bases" not in body and "models" not in body
+        assert "# PaLoRA adapter for my-bert\n" in body and 'BertModel.from_pretrained("my-bert")' in body
+    metadata, body = parse_card(str(build_model_card(tiny_palora_model, base_model="org/bert-base")))
+    assert metadata["base_model"] == "org/bert-base" and "base_model:adapter:org/bert-base" in metadata["tags"]
+    metadata, body = parse_card(str(build_model_card(tiny_palora_model)))  # nothing known: nothing claimed
+    assert "base_model" not in metadata and "# PaLoRA adapter\n" in body
+
+
 # ------------------------------------------------------------------------------------------------- client side
 def _client_plain(work_dir: Path, result_path: Path) -> None:
     """Exercise the server with the plain client: repo creation, inline/LFS commits, downloads, errors."""

@@ -65,16 +65,21 @@ class PaLoRAPeftModelMixin:
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """PaLoRA's own card for a new bundle; an existing card (perhaps edited by its owner) is updated as PEFT does,
-        except that a base model known only by a local path (or by nothing) is never written into its metadata."""
+        keeping its tags (PEFT replaces them) and naming no base model known only by a local path or by nothing."""
         path = os.path.join(output_dir, _README)
         if not os.path.isfile(path):
             write_model_card(self, output_dir)
             return
+        tags_before = ModelCard.load(path, ignore_metadata_errors=True).data.tags or []
         super().create_or_update_model_card(output_dir)
         card = ModelCard.load(path)
         if card.data.get("base_model") is not None and hub_id_or_folder_name(card.data.base_model)[0] is None:
             card.data.base_model = None  # PEFT writes the base's `_name_or_path`: '' or a path of this machine
-            card.save(path)
+        card.data.tags = [  # PEFT's `base_model:adapter:<_name_or_path>` tag likewise
+            tag for tag in dict.fromkeys([*tags_before, *(card.data.tags or [])])
+            if not tag.startswith("base_model:") or hub_id_or_folder_name(tag.split(":", 2)[-1])[0] is not None
+        ]
+        card.save(path)
 
     def load_adapter(self, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
         directory = local_bundle_dir(model_id, kwargs.get("subfolder"))
