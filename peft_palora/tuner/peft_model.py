@@ -11,7 +11,7 @@ The subclass adds, for PaLoRA bundles only:
   the first save writes PaLoRA's model card (tasks, preferences, usage) instead of PEFT's blank template;
 * `load_adapter` (which `PeftModel.from_pretrained` calls): bundle files checked before PEFT reads them, clear
   errors naming the file and the tensors, and a refused load leaves the base model as it was;
-* `push_to_hub`: PaLoRA's card, published in one commit (`hub.push_palora_to_hub`);
+* `push_to_hub`: PaLoRA's card, published in one commit (`push.push_palora_to_hub`);
 * `generate`: marks the call, so a per-sample preference covers the beams and returned sequences of its sample.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from huggingface_hub import ModelCard
 from peft import (
     PeftModel,
     PeftModelForCausalLM,
@@ -39,6 +40,8 @@ from peft_palora.tuner.bundle import (
     local_bundle_dir,
     restore_base_model,
 )
+from peft_palora.tuner.card import hub_id_or_folder_name, write_model_card
+from peft_palora.tuner.push import push_palora_to_hub
 from peft_palora.utils.atomic import atomic_directory, carry_into_staging
 
 _README = "README.md"
@@ -61,15 +64,22 @@ class PaLoRAPeftModelMixin:
             return super().save_pretrained(staging, *args, **kwargs)
 
     def create_or_update_model_card(self, output_dir: str) -> None:
-        """PaLoRA's own card for a new bundle; an existing card (perhaps edited by its owner) is updated as PEFT does."""
-        if not os.path.isfile(os.path.join(output_dir, _README)):
-            from peft_palora.interop import hub
-
-            writer = getattr(hub, "write_model_card", None)
-            if writer is not None:
-                writer(self, output_dir)
-                return
+        """PaLoRA's own card for a new bundle; an existing card (perhaps edited by its owner) is updated as PEFT does,
+        keeping its tags (PEFT replaces them) and naming no base model known only by a local path or by nothing."""
+        path = os.path.join(output_dir, _README)
+        if not os.path.isfile(path):
+            write_model_card(self, output_dir)
+            return
+        tags_before = ModelCard.load(path, ignore_metadata_errors=True).data.tags or []
         super().create_or_update_model_card(output_dir)
+        card = ModelCard.load(path)
+        if card.data.get("base_model") is not None and hub_id_or_folder_name(card.data.base_model)[0] is None:
+            card.data.base_model = None  # PEFT writes the base's `_name_or_path`: '' or a path of this machine
+        card.data.tags = [  # PEFT's `base_model:adapter:<_name_or_path>` tag likewise
+            tag for tag in dict.fromkeys([*tags_before, *(card.data.tags or [])])
+            if not tag.startswith("base_model:") or hub_id_or_folder_name(tag.split(":", 2)[-1])[0] is not None
+        ]
+        card.save(path)
 
     def load_adapter(self, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
         directory = local_bundle_dir(model_id, kwargs.get("subfolder"))
@@ -94,14 +104,13 @@ class PaLoRAPeftModelMixin:
         return result
 
     def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
-        """Publish the bundle with PaLoRA's model card in one commit (see `peft_palora.interop.hub.push_palora_to_hub`).
+        """Publish the bundle with PaLoRA's model card in one commit (`peft_palora.tuner.push.push_palora_to_hub`).
 
-        Accepts the arguments of transformers' `push_to_hub` (`commit_message`, `commit_description`, `private`,
-        `token`, `revision`, `create_pr`, `tags`; `max_shard_size` is accepted and ignored, adapters are never
-        sharded) plus those of `push_palora_to_hub` (`front_table`, `hypervolume`, `plot_path`, ...).
+        transformers' own `push_to_hub` would replace the card with a generic `library_name: transformers` one.
+        Accepts transformers' arguments (`commit_message`, `commit_description`, `private`, `token`, `revision`,
+        `create_pr`, `tags`; `max_shard_size` is ignored, adapters are never sharded) and the card's (`front_table`,
+        `hypervolume`, `hypervolume_reference`, `plot_path`, `base_model`, `pipeline_tag`, `license`).
         """
-        from peft_palora.interop.hub import push_palora_to_hub
-
         if args:
             raise TypeError("push_to_hub() takes `repo_id` as its only positional argument on PaLoRA models.")
         kwargs.pop("max_shard_size", None)
