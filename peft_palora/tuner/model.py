@@ -14,7 +14,7 @@ from torch import nn
 
 from peft_palora.tuner import state as _per_call
 from peft_palora.tuner.bnb import check_base_weights_trainable, check_merge_allowed, dispatch_bnb
-from peft_palora.tuner.bundle import mismatched_sizes_ignored
+from peft_palora.tuner.bundle import check_adapter_tensors, mismatched_sizes_ignored, raise_pending_meaning_problem
 from peft_palora.tuner.config import PaLoRAConfig
 from peft_palora.tuner.layer import PaLoRALayer, PreferenceState, dispatch_default, dispatch_layer_type_supported
 from peft_palora.tuner.preference import validate_preference
@@ -317,7 +317,9 @@ class PaLoRAModel(BaseTuner):
         # Bundles saved before that was fixed hold `<module>.modules_to_save.bias`, a duplicate of `<module>.bias`.
         state_dict = {key: value for key, value in state_dict.items() if not key.endswith(".modules_to_save.bias")}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_tensors(remapped, f"The PaLoRA bundle for adapter '{adapter_name}'")
         _check_bundle_matches_model(model, config, adapter_name, remapped)
+        raise_pending_meaning_problem()  # the shapes fit: now whether the config reads them as they were saved
         return remapped
 
 
