@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peft_palora.tuner.bundle import check_output_apart_from_input, loaded_bundle_dir
 from peft_palora.tuner.config import PaLoRAConfig
 from peft_palora.tuner.layer import ConvNd, Embedding, PaLoRALayer
 from peft_palora.tuner.preference import validate_preference
@@ -165,6 +166,9 @@ def export_lora(
         raise ValueError("The model has no active PaLoRA adapter; pass `adapter_name`.")
     adapter_name = names[0]
     config: PaLoRAConfig = tuner.peft_config[adapter_name]
+    if loaded_bundle_dir(config) is not None:
+        check_output_apart_from_input(save_directory, loaded_bundle_dir(config), "`save_directory`",
+                                      f"PaLoRA bundle folder adapter {adapter_name!r} was loaded from:")
     if config.train_base_weights:
         raise ValueError(
             f"Adapter {adapter_name!r} was trained with `train_base_weights=True`: the targeted base weights changed, "
