@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Union
 
 import numpy as np
@@ -63,6 +63,7 @@ class PaLoRAModel(BaseTuner):
         # Set before BaseTuner.__init__, which injects the first adapter (and so needs both).
         self._preference_states: dict[str, PreferenceState] = {}  # the default preference of each adapter
         self._replaced_during_injection: list[tuple[nn.Module, str, nn.Module]] = []
+        self._merge_lock = _per_call.MergeLock()  # calls read merged weights; merges rewrite them in place
         super().__init__(model, peft_config, adapter_name, **kwargs)
 
     # ---- injection ----------------------------------------------------------------------------------------------
@@ -190,12 +191,15 @@ class PaLoRAModel(BaseTuner):
         validated = {name: self._validate_for_adapter(preference, name) for name in names}  # all checks first
         for name, value in validated.items():
             self._check_mergeable_if_merged(name, value)
-        for name, value in validated.items():
-            self._preference_states[name].value = value
-            self.peft_config[name].default_preference = value.tolist() if value.dim() == 1 else None
-        for name in validated:
-            for layer in self._merged_layers(name):
-                layer.remerge()
+        merged = any(self._merged_layers(name) for name in validated)
+        # A merged model's weights hold the default: calls running in other threads must not see them half-rewritten.
+        with self._merge_lock.writing() if merged else nullcontext():
+            for name, value in validated.items():
+                self._preference_states[name].value = value
+                self.peft_config[name].default_preference = value.tolist() if value.dim() == 1 else None
+            for name in validated:
+                for layer in self._merged_layers(name):
+                    layer.remerge()
 
     def get_preference(self, adapter_name: str | None = None) -> torch.Tensor:
         """The preference in force (a copy): inside a call or `preference_context`, that one; else the default."""
@@ -207,15 +211,17 @@ class PaLoRAModel(BaseTuner):
             return snapshot.values[names[0]].detach().clone()
         return self._preference_states[names[0]].value.clone()
 
-    @contextmanager
-    def preference_context(self, preference: PreferenceLike, adapter_name: str | None = None) -> Iterator[None]:
-        """Run a block at `preference`, in this thread only: the default and other threads are not affected."""
+    def preference_context(
+        self, preference: PreferenceLike, adapter_name: str | None = None
+    ) -> _per_call.ScopedPreferences:
+        """Run a block at `preference`: the calls made while the block's code runs use it (also in functions it
+        calls); the default, other threads, and the caller of a generator paused inside the block are not affected.
+        """
         names = self._target_adapters(adapter_name)
         enclosing = _per_call.current()
         values = dict(enclosing.values) if enclosing is not None else {}
         values.update({name: self._validate_for_adapter(preference, name) for name in names})
-        with _per_call.call_preferences(_per_call.CallPreferences(values)):
-            yield
+        return _per_call.ScopedPreferences(_per_call.CallPreferences(values))
 
     def _merged_layers(self, adapter_name: str) -> list[PaLoRALayer]:
         return [layer for _, layer in self._palora_layers(adapter_name) if adapter_name in layer.merged_adapters]
@@ -262,7 +268,7 @@ class PaLoRAModel(BaseTuner):
         expansion = _generation_expansion(self.model, kwargs) if _per_call.generating() else 1
         if self.training:
             _per_call.preserve_in_checkpointing(self.model)
-        with _per_call.call_preferences(_per_call.CallPreferences(values, expansion)):
+        with self._merge_lock.reading(), _per_call.call_preferences(_per_call.CallPreferences(values, expansion)):
             yield
 
     # ---- merging ------------------------------------------------------------------------------------------------
@@ -286,7 +292,13 @@ class PaLoRAModel(BaseTuner):
         adapters at the difference, without touching the weights.
         """
         self._check_merge_allowed()
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        with self._merge_lock.writing():
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract the merged adapters from the base weights again (waits for running calls to finish)."""
+        with self._merge_lock.writing():
+            super().unmerge_adapter()
 
     def export_lora(
         self, save_directory: str, preference: PreferenceLike | None = None, adapter_name: str | None = None
