@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peft_palora.tuner.bundle import check_output_apart_from_input, loaded_bundle_dir
 from peft_palora.tuner.config import PaLoRAConfig
 from peft_palora.tuner.layer import ConvNd, Embedding, PaLoRALayer
 from peft_palora.tuner.preference import validate_preference
@@ -321,6 +322,9 @@ def _export_setup(model: Any, save_directory: Any, adapter_name: str | None, wha
         raise ValueError("The model has no active PaLoRA adapter; pass `adapter_name`.")
     adapter_name = names[0]
     config: PaLoRAConfig = tuner.peft_config[adapter_name]
+    if loaded_bundle_dir(config) is not None:
+        check_output_apart_from_input(save_directory, loaded_bundle_dir(config), "`save_directory`",
+                                      f"PaLoRA bundle folder adapter {adapter_name!r} was loaded from:")
     if config.train_base_weights:
         raise ValueError(trained_base_refusal(model, adapter_name, what))
     return tuner, adapter_name, config, save_directory

@@ -179,8 +179,8 @@ class PaLoRALayer(BaseTunerLayer):
                 continue
             preference = self._preference(name)
             merged_at = self.merged_preferences[name].to(preference)
-            if preference.dim() == 1 and torch.equal(preference, merged_at):
-                continue
+            if preference.dim() == 1 and not preference.requires_grad and torch.equal(preference, merged_at):
+                continue  # (a preference that requires grad keeps its zero-valued term: its gradient is not zero)
             snapshot = _per_call.current()
             expansion = snapshot.expansion if snapshot is not None else 1
             scales[name] = self._scale_at(name, preference - merged_at, b, expansion)
@@ -306,6 +306,10 @@ class PaLoRALayer(BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        recorded = _per_call.checkpoint_preferences(self.training)  # a checkpoint re-run: its forward's preference
+        if recorded is not None:
+            with _per_call.call_preferences(recorded):
+                return self._forward(x, self._forward_scales(), *args, **kwargs)
         return self._forward(x, self._forward_scales(), *args, **kwargs)
 
     def _forward(self, x: torch.Tensor, scales: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -322,6 +326,12 @@ class PaLoRALayer(BaseTunerLayer):
         """Shape a (rows, C) per-sample scale to broadcast over ``hidden``: samples at ``batch_dim``, channels at
         ``channel_dim``. The rows must be exactly the samples: nothing is repeated or guessed."""
         rows = hidden.shape[self.batch_dim] if hidden.dim() > max(self.batch_dim, 1) else None
+        snapshot = _per_call.current()
+        expansion = snapshot.expansion if snapshot is not None else 1
+        if rows is not None and expansion > 1 and rows * expansion == scale.shape[0]:
+            # `generate` expands each sample into `expansion` rows for the decoder only: an encoder (T5, BART) runs
+            # once per sample, and its rows take each sample's first (identical) expanded row.
+            scale = scale[::expansion]
         if rows != scale.shape[0]:
             raise ValueError(
                 f"A per-sample preference has {scale.shape[0]} rows but this {type(self.get_base_layer()).__name__} "

@@ -30,14 +30,19 @@ from peft import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 
 from peft_palora.tuner import state as _per_call
 from peft_palora.tuner.bundle import (
+    bundle_meaning_problem,
+    bundle_metadata,
+    check_existing_adapter_matches,
     check_local_bundle,
     check_modules_to_save_present,
     ignoring_mismatched_sizes,
     local_bundle_dir,
+    pending_meaning_problem,
     restore_base_model,
 )
 from peft_palora.tuner.card import hub_id_or_folder_name, write_model_card
@@ -61,7 +66,28 @@ class PaLoRAPeftModelMixin:
             return None
         with atomic_directory(os.fspath(save_directory)) as staging:
             carry_into_staging(os.fspath(save_directory), staging, _README)  # PEFT updates an existing card in place
-            return super().save_pretrained(staging, *args, **kwargs)
+            result = super().save_pretrained(staging, *args, **kwargs)
+            self._record_bundle_meaning(staging)
+            return result
+
+    def _record_bundle_meaning(self, directory: str) -> None:
+        """Write T, r, the task names and the conv layout of each saved PaLoRA adapter into its safetensors header,
+        so that a load can check them against the config (`bundle.check_bundle_metadata`)."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        for adapter_name, config in self.peft_config.items():
+            if getattr(config, "peft_type", None) != "PALORA":
+                continue
+            folder = directory if adapter_name == "default" else os.path.join(directory, adapter_name)
+            path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+            if not os.path.isfile(path):
+                continue  # not among the selected adapters
+            with safe_open(path, framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata.update(bundle_metadata(config))
+            save_file(tensors, path, metadata=metadata)
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """PaLoRA's own card for a new bundle; an existing card (perhaps edited by its owner) is updated as PEFT does,
@@ -89,9 +115,15 @@ class PaLoRAPeftModelMixin:
         existed = config is not None
         try:
             bundle_config = check_local_bundle(directory) if directory is not None else None
+            meaning_problem = None
             if bundle_config is not None:
+                meaning_problem = bundle_meaning_problem(os.path.join(directory, SAFETENSORS_WEIGHTS_NAME),
+                                                         bundle_config)
+                if existed and not fresh:  # PEFT would load the tensors into the existing adapter, under its config
+                    check_existing_adapter_matches(config, bundle_config, directory, adapter_name)
                 check_modules_to_save_present(self, directory, bundle_config)
-            with ignoring_mismatched_sizes(bool(kwargs.get("ignore_mismatched_sizes", False))):
+            with ignoring_mismatched_sizes(bool(kwargs.get("ignore_mismatched_sizes", False))), \
+                    pending_meaning_problem(meaning_problem):
                 result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
         except BaseException:
             if fresh:
@@ -101,6 +133,10 @@ class PaLoRAPeftModelMixin:
             raise
         if adapter_name in self.peft_config:
             self.peft_config[adapter_name]._palora_weights_pending = False
+            # Where its tensors came from, so that `export_lora` refuses to write over that bundle.
+            self.peft_config[adapter_name]._palora_loaded_from = (
+                os.path.realpath(directory) if directory is not None else None
+            )
         return result
 
     def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
