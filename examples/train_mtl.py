@@ -52,6 +52,7 @@ from transformers import HfArgumentParser
 
 from peft_palora import PaLoRAConfig
 from peft_palora.fronts.evaluation import write_front_report
+from peft_palora.tuner.card import write_model_card
 from peft_palora.training.multitask import MultiTaskModel
 from peft_palora.training.trainer import PaLoRATrainer, PaLoRATrainingArguments, distributed_state
 
@@ -184,6 +185,7 @@ def main() -> None:
 
     if trainer.accelerator.is_main_process:
         report = write_front_report(result.front, training_args.output_dir, data.task_names, metric="accuracy")
+        write_model_card(trainer.unwrapped_model, training_args.output_dir)  # the card again, now with the front
         print(f"trained {result.global_step} steps on {trainer.accelerator.num_processes} process(es)")
         print(result.front.round(4).to_string(index=False))
         print(f"hypervolume (accuracy, reference 0): {report['hypervolume']:.4f}")
