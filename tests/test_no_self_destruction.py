@@ -124,3 +124,14 @@ def test_overflowing_preference_through_the_model(bundle, tmp_path):
         export_lora(model, tmp_path / "out", preference=[HUGE, 0])
     assert not os.path.exists(tmp_path / "out")
     assert peft_palora  # registered
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_export_task_loras_from_bundle_refuses_to_write_over_its_input(bundle, where):
+    from peft_palora.interop.lora import export_task_loras_from_bundle
+
+    before = _snapshot(bundle)
+    out = bundle if where == "same" else bundle / "tasks"
+    with pytest.raises(ValueError, match=r"`out`.*(is|is inside|contains) the PaLoRA bundle"):
+        export_task_loras_from_bundle(bundle, out, base=_base())
+    assert _snapshot(bundle) == before and not os.path.exists(bundle / "tasks")

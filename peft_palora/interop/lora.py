@@ -112,7 +112,7 @@ def export_lora_from_bundle(
         raise ValueError(f"`bundle_dir` must be an existing folder, got {bundle_dir!r}.")
     if isinstance(preference, str):
         preference = parse_preference_string(preference)
-    peft_model = _load_palora_bundle(bundle_dir, base)
+    peft_model = _load_palora_bundle(bundle_dir, base, save_directory)
     return export_lora(peft_model, save_directory, preference=preference)
 
 
@@ -130,11 +130,19 @@ def export_task_loras_from_bundle(
     Returns:
         The path of ``out``.
     """
-    return export_task_loras(_load_palora_bundle(bundle, base, name="bundle"), out)
+    return export_task_loras(_load_palora_bundle(bundle, base, out, name="bundle", out_name="out"), out)
 
 
-def _load_palora_bundle(bundle_dir: Any, base: str | os.PathLike | nn.Module | None, name: str = "bundle_dir"):
-    """The PaLoRA `PeftModel` of a local bundle on its base model (`base`, else ``base_model/``, else the config's)."""
+def _load_palora_bundle(
+    bundle_dir: Any,
+    base: str | os.PathLike | nn.Module | None,
+    save_directory: Any,
+    name: str = "bundle_dir",
+    out_name: str = "save_directory",
+):
+    """The PaLoRA `PeftModel` of a local bundle on its base model (`base`, else ``base_model/``, else the config's),
+    once the output folder `save_directory` is known to lie apart from the bundle (an export never replaces its input).
+    """
     from peft import PeftModel
 
     from peft_palora.tuner.bundle import check_local_bundle, check_output_apart_from_input
@@ -143,8 +151,8 @@ def _load_palora_bundle(bundle_dir: Any, base: str | os.PathLike | nn.Module | N
         raise ValueError(f"`{name}` must be an existing folder, got {bundle_dir!r}.")
     bundle_dir = os.fspath(bundle_dir)
     if not isinstance(save_directory, (str, os.PathLike)) or not os.fspath(save_directory):
-        raise TypeError(f"`save_directory` must be a non-empty path, got {save_directory!r}.")
-    check_output_apart_from_input(save_directory, bundle_dir, "`save_directory`", "PaLoRA bundle `bundle_dir`")
+        raise TypeError(f"`{out_name}` must be a non-empty path, got {save_directory!r}.")
+    check_output_apart_from_input(save_directory, bundle_dir, f"`{out_name}`", f"PaLoRA bundle `{name}`")
     config = check_local_bundle(bundle_dir)
     if config is None:
         raise ValueError(f"{bundle_dir} holds no PaLoRA bundle ({CONFIG_NAME} missing or peft_type is not 'PALORA').")
