@@ -244,3 +244,17 @@ def test_sampler_must_fit_the_generation_batch(tmp_path):
 def test_import_peft_palora_does_not_import_trl():
     code = "import sys, peft_palora, peft_palora.alignment; assert 'trl' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_example_runs_tiny(tmp_path):
+    import os
+
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "align_grpo.py")
+    result = subprocess.run(
+        [sys.executable, script, "--tiny", "--output_dir", str(tmp_path), "--max_steps", "2", "--disable_tqdm", "true"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("preference {'red'") == 5
+    assert (tmp_path / "adapter_config.json").is_file()
