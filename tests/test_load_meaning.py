@@ -288,9 +288,6 @@ def test_config_holding_a_json_array_is_a_clear_error(tmp_path):
         export_lora_from_bundle(tmp_path / "b", tmp_path / "out", base=_base())
 
 
-
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="PEFT's PeftConfig._get_peft_type reads the file before any "
-                   "PaLoRA code runs; a fix needs a patch on PEFT (tuner/compat.py)")
 def test_from_pretrained_with_a_json_array_config(tmp_path):
     _bundle(tmp_path / "b")
     with open(tmp_path / "b" / CONFIG, "w") as handle:

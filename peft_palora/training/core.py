@@ -8,7 +8,8 @@
 * number the micro-batches of a step with one :class:`WindowPosition` (the sampler step of
   :func:`~peft_palora.training.window.window_step`), and train each with
   :meth:`~peft_palora.training.window.PreferenceWindow.step`;
-* describe their run with :func:`run_definition` and refuse a resume that would change it with :func:`check_resume`;
+* describe their run with :func:`run_definition` and refuse a resume that would change it with :func:`check_resume`,
+  or one from a damaged checkpoint with :func:`check_checkpoint_files`;
 * compute a front with :func:`compute_front`, the one place that picks between
   :func:`~peft_palora.fronts.evaluation.evaluate_front_batched` (one forward per batch for the whole grid) and
   :func:`~peft_palora.fronts.evaluation.evaluate_front` (one preference at a time, where batching would change the
@@ -18,6 +19,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -29,6 +32,7 @@ from peft_palora.fronts.evaluation import MetricFn, accuracy, evaluate_front, ev
 from peft_palora.training.multitask import MultiTaskModel, uses_batch_statistics
 from peft_palora.training.optimization import adapter_param_groups
 from peft_palora.training.window import PreferenceWindow, check_same_run, window_step
+from peft_palora.utils.json_files import read_json
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -249,3 +253,55 @@ def shard_batches(
     for index, batch in enumerate(dataloader):
         if index % num_processes == process_index:
             yield {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Damaged checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+
+
+def _damaged(checkpoint: str, file: str, problem: str) -> ValueError:
+    return ValueError(
+        f"Cannot resume from {checkpoint!r}: {file!r} {problem}. The checkpoint is damaged (an interrupted copy, a "
+        "full disk?); resume from an earlier checkpoint, or delete this one."
+    )
+
+
+def check_checkpoint_files(checkpoint: str, required: Iterable[str] = ()) -> None:
+    """Refuse a damaged checkpoint folder before anything of it is loaded: a ValueError names the file.
+
+    Every ``*.json`` must hold a JSON object, every ``*.safetensors`` must read completely, and every file
+    ``torch.save`` wrote (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``: zip archives) must pass its CRC check (read as
+    an archive; nothing is unpickled). ``required`` names files that must be there (an RNG state: without it a resume
+    would silently not restore the random state).
+    """
+    from safetensors.torch import load_file
+
+    if not os.path.isdir(checkpoint):
+        raise ValueError(f"Cannot resume from {checkpoint!r}: it is not a folder.")
+    for name in required:
+        if not os.path.isfile(os.path.join(checkpoint, name)):
+            raise _damaged(checkpoint, os.path.join(checkpoint, name), "is missing")
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".json"):
+            try:
+                read_json(path, what="checkpoint file")
+            except ValueError as error:
+                raise _damaged(checkpoint, path, f"is not a readable JSON object ({error})") from error
+        elif name.endswith(".safetensors"):
+            try:
+                load_file(path)
+            except Exception as error:  # safetensors raises its own error type for a torn file
+                raise _damaged(checkpoint, path, f"is not a readable safetensors file ({error})") from error
+        elif name.endswith(_TORCH_SUFFIXES):
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+            except (OSError, zipfile.BadZipFile, EOFError) as error:
+                raise _damaged(checkpoint, path, f"is not a readable torch archive ({error})") from error
+            if bad is not None:
+                raise _damaged(checkpoint, path, f"fails its CRC check (entry {bad!r})")

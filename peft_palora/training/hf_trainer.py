@@ -42,6 +42,7 @@ from peft_palora.preferences import PreferenceSampler, simplex_grid
 from peft_palora.training.core import (
     WindowPosition,
     build_optimizer,
+    check_checkpoint_files,
     check_metric_fns,
     check_multitask_model,
     check_resume,
@@ -54,6 +55,7 @@ from peft_palora.training.core import (
 from peft_palora.training.multitask import MultiTaskModel
 from peft_palora.training.window import LossFn, PaLoRAArguments, PreferenceWindow, check_palora_arguments
 from peft_palora.utils.atomic import atomic_write_text
+from peft_palora.utils.json_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -342,10 +344,11 @@ class PaLoRAHFTrainer(Trainer):
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
             resume_from_checkpoint = path
         if isinstance(path, str):
+            # Every file first, so that a torn one is named (transformers would raise a bare OSError/JSONDecodeError).
+            check_checkpoint_files(path)
             definition = os.path.join(path, RUN_DEFINITION_NAME)
             if os.path.isfile(definition):
-                with open(definition, encoding="utf-8") as handle:
-                    stored = json.load(handle)
+                stored = read_json(definition, what="run definition")
                 check_resume(stored, self.run_definition(), path, self.palora_args.allow_changed_arguments, logger)
         self._position.reset()
         return super().train(resume_from_checkpoint, *args, **kwargs)

@@ -45,6 +45,7 @@ from peft_palora.preferences import PreferenceSampler, simplex_grid
 from peft_palora.training.core import (
     WindowPosition,
     build_optimizer,
+    check_checkpoint_files,
     check_metric_fns,
     check_multitask_model,
     check_resume,
@@ -65,6 +66,7 @@ from peft_palora.training.window import (
     check_real_argument,
 )
 from peft_palora.utils.atomic import atomic_directory, atomic_write_text
+from peft_palora.utils.json_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -646,8 +648,12 @@ class PaLoRATrainer:
         state_path = os.path.join(path, TRAINER_STATE_NAME)
         if not os.path.isfile(state_path):
             raise FileNotFoundError(f"{path!r} is not a PaLoRA checkpoint: it has no {TRAINER_STATE_NAME}.")
-        with open(state_path, encoding="utf-8") as handle:
-            state = json.load(handle)
+        # Every file first (a torn one is named), and this process's RNG state must be there: Accelerate's
+        # `load_state` would skip a missing or unreadable one silently, and the run would not replay.
+        check_checkpoint_files(
+            path, required=["model.safetensors", "optimizer.bin", f"random_states_{self.accelerator.process_index}.pkl"]
+        )
+        state = read_json(state_path, what="trainer state")
         current = self.run_definition()
         if "run" in state:
             changes = check_resume(state["run"], current, path, allow_changed_arguments, logger)

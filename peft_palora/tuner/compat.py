@@ -2,7 +2,7 @@
 
 PaLoRA registers through PEFT's extension point (``register_peft_method``) and uses PEFT's own hooks where they
 exist (``_enable_peft_forward_hooks`` receives each call's ``preference``; layers are chosen by a list of
-dispatchers, as in LoRA). Three things have no extension point, so they are patched here and nowhere else:
+dispatchers, as in LoRA). Four things have no extension point, so they are patched here and nowhere else:
 
 1. **The ``PeftType.PALORA`` member.** ``register_peft_method`` refuses names missing from the closed enum
    ``peft.utils.PeftType``; enums cannot be extended through their public API. Would break if PEFT rebuilt the enum
@@ -15,6 +15,13 @@ dispatchers, as in LoRA). Three things have no extension point, so they are patc
    the class PEFT chose (:mod:`peft_palora.tuner.peft_model`: atomic whole-bundle saves, checked loads that roll
    back, PaLoRA's model card, ``generate`` marking the call so per-sample preferences cover beams). Would break if
    PEFT assigned ``special_peft_forward_args`` before ``peft_type``.
+4. **A config file that is not a JSON object** (:func:`_install_config_file_check`): ``PeftModel.from_pretrained``,
+   ``load_adapter`` and ``AutoPeftModel`` read ``adapter_config.json`` through ``PeftConfig.from_json_file`` (in
+   ``PeftConfig._get_peft_type``) before any tuner code runs, and index the result with ``["peft_type"]``: a file
+   holding an array, a number or ``null`` gave a bare ``TypeError`` naming no file. The wrapped classmethod returns
+   what PEFT's returns for a JSON object and raises a ValueError naming the file otherwise; every PEFT method (LoRA
+   included) gets that error instead of the ``TypeError``, and nothing else changes. Would break if PEFT stopped
+   reading the file through ``from_json_file`` (the check would then simply not run).
 
 Each patch is tested against the installed PEFT (``tests/test_registration.py``), and the tested range is
 :data:`TESTED_PEFT_RANGE`: another PEFT version gets a warning at import naming this module.
@@ -46,7 +53,7 @@ def check_peft_version(version: str | None = None) -> bool:
     if Version(low) <= Version(version) < Version(high):
         return True
     warnings.warn(
-        f"peft_palora patches PEFT in three places (peft_palora.tuner.compat) and is tested with peft >={low},<{high}; "
+        f"peft_palora patches PEFT in four places (peft_palora.tuner.compat) and is tested with peft >={low},<{high}; "
         f"found peft {version}. If PaLoRA models misbehave, install a tested PEFT release.",
         RuntimeWarning,
         stacklevel=2,
@@ -120,6 +127,30 @@ class _SpecialForwardArgs:
             adopt(obj)
 
 
+def _install_config_file_check() -> None:
+    """Wrap ``PeftConfig.from_json_file``: a file that does not hold a JSON object is a ValueError naming it."""
+    from peft.config import PeftConfig
+
+    owner = next(cls for cls in PeftConfig.__mro__ if "from_json_file" in cls.__dict__)  # PeftConfigMixin
+    original = owner.__dict__["from_json_file"].__func__
+    if getattr(original, "_palora_checked", False):
+        return
+
+    def from_json_file(cls, path_json_file, **kwargs):
+        try:
+            loaded = original(cls, path_json_file, **kwargs)
+        except TypeError as error:  # PEFT looks for "runtime_config" in what it read: a number or null
+            raise ValueError(f"{path_json_file} must hold a JSON object ({error}).") from error
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path_json_file} must hold a JSON object, got {type(loaded).__name__}.")
+        return loaded
+
+    from_json_file._palora_checked = True
+    from_json_file.__doc__ = original.__doc__
+    from_json_file.__wrapped__ = original
+    owner.from_json_file = classmethod(from_json_file)
+
+
 def _install_preference_forward_arg() -> None:
     if isinstance(PeftModel.__dict__.get("special_peft_forward_args"), _SpecialForwardArgs):
         return
@@ -136,6 +167,7 @@ def register() -> None:
     check_peft_version()
     peft_type = _add_peft_type_member()
     _install_preference_forward_arg()
+    _install_config_file_check()
 
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if registered is PaLoRAModel and PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is PaLoRAConfig:

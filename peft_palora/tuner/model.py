@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, Union
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.constants import EMBEDDING_LAYER_NAMES
 from torch import nn
 
 from peft_palora.tuner import state as _per_call
@@ -437,7 +439,7 @@ def _base_weight_keys(model: nn.Module, adapter_name: str, state_dict: Mapping[s
     keys = []
     for name, module in model.named_modules():
         if isinstance(module, PaLoRALayer) and adapter_name in module.palora_A:
-            name = name.removeprefix("_fsdp_wrapped_module.")
+            name = _state_dict_name(name)
             for param in ("weight", "bias"):
                 key = f"{name}.base_layer.{param}"
                 if key in state_dict:
@@ -478,16 +480,19 @@ def _check_bundle_matches_model(model: nn.Module, config: PaLoRAConfig, adapter_
             f"the weights'): {_short_list(unexpected)}"
         )
     # What the config says the bundle holds: nothing else may overwrite the base model.
-    # PEFT saves the full table of a targeted embedding (`save_embedding_layers="auto"`, for resized vocabularies):
-    # declared by PEFT's own convention, as for LoRA.
+    # PEFT saves the full table of a targeted embedding, and the input and output embeddings (`embed_tokens`,
+    # `lm_head`) of a transformers model whose vocabulary was resized (`save_embedding_layers="auto"` or True),
+    # targeted or not: declared by PEFT's own convention, and loaded by PEFT's LoRA.
     embedding_tables = {
-        f"{name.removeprefix('_fsdp_wrapped_module.')}.base_layer.weight"
+        f"{_state_dict_name(name)}.base_layer.weight"
         for name, module in model.named_modules()
         if isinstance(module, PaLoRALayer) and isinstance(module.get_base_layer(), nn.Embedding)
     }
+    embedding_prefixes = _saved_embedding_prefixes(model)
     foreign = sorted(
         key for key in given
         if key in model_state and key not in expected | embedding_tables
+        and not key.startswith(embedding_prefixes)
         and not _allowed_extra_key(key, config, adapter_name)
     )
     if foreign:
@@ -510,6 +515,36 @@ def _check_bundle_matches_model(model: nn.Module, config: PaLoRAConfig, adapter_
             )
     if problems:
         raise ValueError(f"The PaLoRA bundle for adapter '{adapter_name}' does not match the model: " + "; ".join(problems))
+
+
+def _state_dict_name(name: str) -> str:
+    """A module name as the state dict spells it: FSDP1 wrappers (``_fsdp_wrapped_module.``, at any depth) removed."""
+    return name.replace("_fsdp_wrapped_module.", "")
+
+
+def _saved_embedding_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes (``"<module>."``) of the input and output embeddings PEFT saves with an adapter when the
+    vocabulary was resized (``get_peft_model_state_dict(save_embedding_layers=...)``): every tensor under them."""
+    modules = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)() if hasattr(model, getter) else None
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is not None:
+            modules.append(module)
+    if not modules:
+        return ()
+    prefixes = []
+    for name, module in model.named_modules():
+        name = _state_dict_name(name)
+        # Only under PEFT's embedding names (`embed_tokens`, `lm_head`): another model's embedding table is a base
+        # weight a bundle may not overwrite unless its config declares it (as `modules_to_save` or a target).
+        if any(module is wanted for wanted in modules) and any(
+            re.match(rf"(.*\.)?{embedding}$", name) for embedding in EMBEDDING_LAYER_NAMES
+        ):
+            prefixes.append(f"{name}.")
+    return tuple(prefixes)
 
 
 def _allowed_extra_key(key: str, config: PaLoRAConfig, adapter_name: str) -> bool:
