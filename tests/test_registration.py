@@ -92,7 +92,7 @@ def test_patches_are_version_guarded_and_hold_on_the_installed_peft():
     with pytest.warns(RuntimeWarning, match="found peft 0.20.1"):
         assert compat.check_peft_version("0.20.1") is False
 
-    # The three patches, each observed on the installed PEFT: the enum member, the forward argument, the class.
+    # The patches, each observed on the installed PEFT: the enum member, the forward argument, the class.
     model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), peft_palora.PaLoRAConfig(num_tasks=2, target_modules=["0"]))
     assert peft.utils.PeftType.PALORA == "PALORA"
     assert "preference" in model.special_peft_forward_args
