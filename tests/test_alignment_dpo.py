@@ -296,3 +296,14 @@ def test_bad_models_and_samplers(tmp_path):
     with pytest.raises(ValueError, match="no pair left"):
         PaLoRADPOTrainer(palora_model("llama"), args=dpo_config(tmp_path, max_length=2), train_dataset=colour_data(),
                          processing_class=tokenizer)
+
+
+@pytest.mark.slow
+def test_example_script_runs_tiny(tmp_path):
+    from align_dpo import main
+
+    summary = main(["--tiny", "--output_dir", str(tmp_path), "--max_steps", "2", "--use_cpu", "--report_to", "none",
+                    "--per_device_train_batch_size", "4", "--gradient_checkpointing", "false",
+                    "--front_points_per_side", "3", "--save_strategy", "no"])
+    assert {"front.csv", "front.json", "front.png", "adapter_model.safetensors"} <= set(os.listdir(tmp_path))
+    assert len(summary["completions"]) == 3 * 2  # 3 preferences x 2 prompts

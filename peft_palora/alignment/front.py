@@ -173,7 +173,8 @@ def evaluate_reward_front(
         ``<task>_reward`` (the mean reward). ``summary`` holds ``hypervolume`` (of the mean rewards, maximised, from
         ``reference``), ``reference``, ``num_non_dominated``, the Spearman consistency of each objective's reward with
         its preference weight (``spearman_<task>``, ``mean_spearman``; see
-        :func:`~peft_palora.pareto.preference_consistency`) and ``plot`` (the PNG path or ``None``).
+        :func:`~peft_palora.pareto.preference_consistency`; ``nan`` for a grid of one point), ``plot`` (the PNG path
+        or ``None``) and ``completions`` (the ``N * P`` decoded completions, row ``k * P + p``).
 
     Raises:
         TypeError / ValueError: naming the argument (a model that is not PaLoRA, objectives that are not the model's
