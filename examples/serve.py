@@ -333,7 +333,7 @@ class PreferenceBatcher:
             raise BadRequest("the request needs a `preference` (a list of T weights or a {task: weight} object).")
         try:
             value = validate_preference(preference, self.num_tasks, task_names=self.task_names, name="preference")
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, OverflowError) as error:
             raise BadRequest(str(error)) from None
         if value.dim() != 1:
             raise BadRequest(
@@ -490,14 +490,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> Any:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise BadRequest("the request needs a Content-Length header with the size of its JSON body.")
+        # ASCII digits only: str.isdigit() also accepts e.g. "²", which int() then refuses
+        if length is None or not (length.isascii() and length.isdigit()):
+            raise BadRequest(
+                "the request needs a Content-Length header with the size of its JSON body (ASCII digits), got "
+                + ("none." if length is None else f"{length[:40]!r}.")
+            )
         if int(length) > self.server.max_body_bytes:
             raise PayloadTooLarge(f"the body is {length} bytes; the limit is {self.server.max_body_bytes}.")
         body = self.rfile.read(int(length))
         try:
             return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (UnicodeDecodeError, ValueError) as error:  # ValueError: also an integer of over 4300 digits
             raise BadRequest(f"the body is not valid JSON: {error}.") from None
         except RecursionError:
             raise BadRequest("the body is nested too deeply to decode.") from None

@@ -36,7 +36,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from accelerate import PartialState
 from accelerate.utils import set_seed
 from peft import get_peft_model
 from recipes import (
@@ -53,8 +52,9 @@ from transformers import HfArgumentParser
 
 from peft_palora import PaLoRAConfig
 from peft_palora.fronts.evaluation import write_front_report
+from peft_palora.tuner.card import write_model_card
 from peft_palora.training.multitask import MultiTaskModel
-from peft_palora.training.trainer import PaLoRATrainer, PaLoRATrainingArguments
+from peft_palora.training.trainer import PaLoRATrainer, PaLoRATrainingArguments, distributed_state
 
 
 @dataclass
@@ -151,7 +151,7 @@ def main() -> None:
         image_column=data_args.image_column,
     )
     base_dir = os.path.abspath(os.path.join(training_args.output_dir, "base_model"))
-    if name_or_path is None and PartialState().is_main_process:
+    if name_or_path is None and distributed_state(training_args).is_main_process:  # the trainer's state
         # a from-scratch base: keep its initial weights, on which the adapter bundle loads again
         base_model.save_pretrained(base_dir)
 
@@ -185,6 +185,7 @@ def main() -> None:
 
     if trainer.accelerator.is_main_process:
         report = write_front_report(result.front, training_args.output_dir, data.task_names, metric="accuracy")
+        write_model_card(trainer.unwrapped_model, training_args.output_dir)  # the card again, now with the front
         print(f"trained {result.global_step} steps on {trainer.accelerator.num_processes} process(es)")
         print(result.front.round(4).to_string(index=False))
         print(f"hypervolume (accuracy, reference 0): {report['hypervolume']:.4f}")

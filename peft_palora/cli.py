@@ -2,7 +2,7 @@
 
 A thin shell over the library: `palora info` reads a bundle's config and tensor shapes, `palora front` loads a
 `MultiTaskModel` bundle and evaluates it on the user's data file (`peft_palora.fronts.data.load_front_data`) over a
-preference grid, `palora export-lora` calls `peft_palora.interop.lora.export_lora_from_bundle`. `examples/train_mtl.py`
+preference grid, `palora export-lora` and `palora export-task-loras` call `peft_palora.interop.lora`'s\n`export_lora_from_bundle` and `export_task_loras_from_bundle`. `examples/train_mtl.py`
 writes its test split next to its bundle, so its front is measured again with
 
 ```
@@ -376,6 +376,21 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_task_loras(args: argparse.Namespace) -> int:
+    bundle = _bundle_dir(args.adapter, args.revision)
+    _read_config(bundle)
+    if args.base is not None:
+        _check_model_source(args.base)
+    if os.path.isfile(args.out):
+        raise CLIError(f"--out {args.out!r} is a file; give a folder.")
+    from peft_palora.interop.lora import export_task_loras_from_bundle
+
+    with _quiet_transformers():
+        path = export_task_loras_from_bundle(bundle, args.out, base=args.base)
+    print(f"task LoRAs: {path} (mixing rule: {os.path.join(path, 'palora_tasks.json')})")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- the parser
 def _positive_int(text: str) -> int:
     try:
@@ -441,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base", help="base model folder; default: the bundle's base_model/ or config")
     export.add_argument("--revision", help="Hub revision of the bundle")
     export.set_defaults(func=cmd_export_lora)
+
+    tasks = commands.add_parser(
+        "export-task-loras", help="write every task adapter as a standard PEFT LoRA bundle, plus palora_tasks.json"
+    )
+    tasks.add_argument("adapter", help="a PaLoRA bundle folder or a Hub repo id")
+    tasks.add_argument("--out", required=True, help="folder for the task LoRAs (one subfolder per task)")
+    tasks.add_argument("--base", help="base model folder; default: the bundle's base_model/ or config")
+    tasks.add_argument("--revision", help="Hub revision of the bundle")
+    tasks.set_defaults(func=cmd_export_task_loras)
     return parser
 
 

@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 
+from peft_palora.utils.checks import check_int, check_positive, check_real
+
 BALANCING_CHOICES = ("none", "loss", "gradient")
 BalancingMode = Literal["none", "loss", "gradient"]
 
@@ -92,8 +94,7 @@ def preference_consistency_penalty(
         A non-negative scalar, differentiable in ``task_losses``; exactly 0 for a window of fewer than two rows.
     """
     task_losses, preferences = _check_window(task_losses, preferences)
-    if not temperature > 0:
-        raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+    check_positive(temperature, "`temperature`", finite=False)
     num_rows, num_tasks = task_losses.shape
     penalty = task_losses.new_zeros(())
     if num_rows < 2:
@@ -130,8 +131,7 @@ def gradient_balance_scales(
     """
     if task_losses.dim() == 1:
         task_losses = task_losses.unsqueeze(0)
-    if not eps > 0:
-        raise ValueError(f"`eps` must be > 0, got {eps}.")
+    check_positive(eps, "`eps`", finite=False)
     parameters = [parameter for parameter in shared_parameters if parameter.requires_grad]
     if not parameters:
         raise ValueError("`shared_parameters` holds no parameter that requires a gradient.")
@@ -158,8 +158,7 @@ class LossBalancer:
     """
 
     def __init__(self, num_tasks: int, decay: float = 0.9, eps: float = 1e-8):
-        if not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"`num_tasks` must be a positive int, got {num_tasks!r}.")
+        num_tasks = check_int(num_tasks, "`num_tasks`", minimum=1)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"`decay` must be in [0, 1), got {decay}.")
         self.num_tasks = num_tasks
@@ -248,16 +247,12 @@ class MultiTaskObjective:
         loss_balance_decay: float = 0.9,
         gradient_balance_eps: float = 1e-3,
     ):
-        if not isinstance(num_tasks, int) or num_tasks < 2:
-            raise ValueError(f"`num_tasks` must be an int >= 2, got {num_tasks!r}.")
+        num_tasks = check_int(num_tasks, "`num_tasks`", minimum=2)
         if balancing not in BALANCING_CHOICES:
             raise ValueError(f"`balancing` must be one of {BALANCING_CHOICES}, got {balancing!r}.")
-        if not consistency_weight >= 0:
-            raise ValueError(f"`consistency_weight` must be >= 0, got {consistency_weight}.")
-        if not consistency_temperature > 0:
-            raise ValueError(f"`consistency_temperature` must be > 0, got {consistency_temperature}.")
-        if not gradient_balance_eps > 0:
-            raise ValueError(f"`gradient_balance_eps` must be > 0, got {gradient_balance_eps}.")
+        check_real(consistency_weight, "`consistency_weight`", minimum=0, finite=False)
+        check_positive(consistency_temperature, "`consistency_temperature`", finite=False)
+        check_positive(gradient_balance_eps, "`gradient_balance_eps`", finite=False)
         self.num_tasks = num_tasks
         self.balancing = balancing
         self.consistency_weight = float(consistency_weight)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import struct
 from collections.abc import Sequence
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from peft_palora.tuner.preference import _nested_to_floats, validate_preference
-from peft_palora.utils.checks import check_int
+from peft_palora.utils.checks import check_int, check_positive, check_real
 
 __all__ = [
     "AnnealedDirichletSampler",
@@ -44,12 +43,16 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _check_real(value, name: str) -> float:
+def _unwrap_scalar(value):
+    """A one-element real tensor as its Python number (what a scheduler may hand over); anything else unchanged."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r}).")
-    return float(value)
+        return value.item()
+    return value
+
+
+def _check_real(value, name: str) -> float:
+    """A real number; the caller checks its range (NaN fails every range written as ``lo <= value <= hi``)."""
+    return check_real(_unwrap_scalar(value), name, finite=False, expected="a real number")
 
 
 def _check_progress(progress) -> float:
@@ -226,9 +229,7 @@ class AnnealedGridSampler(PreferenceSampler):
 
     def __init__(self, num_tasks: int, num_rays: int, mul: float = 5.0, epsilon: float = 0.01):
         super().__init__(num_tasks, num_rays)
-        self.mul = _check_real(mul, "mul")
-        if not (math.isfinite(self.mul) and self.mul >= 0):
-            raise ValueError(f"mul must be a finite number >= 0, got {self.mul}.")
+        self.mul = check_real(_unwrap_scalar(mul), "mul", minimum=0, expected="a real number")
         self.epsilon = _check_real(epsilon, "epsilon")
         if not 0.0 <= self.epsilon < 1.0 / self.num_tasks:
             raise ValueError(
@@ -289,10 +290,7 @@ def _dirichlet(seed: int, progress: float, step: int | None, num_rays: int, conc
 
 
 def _check_concentration(value, name: str) -> float:
-    value = _check_real(value, name)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}.")
-    return value
+    return check_positive(_unwrap_scalar(value), name, expected="a real number")
 
 
 def _check_seed(seed) -> int:

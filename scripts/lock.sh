@@ -27,7 +27,10 @@ find_links=()
 for link in $(printf '%s\n' $links | sort -u); do find_links+=(--find-links "$link"); done
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-[ -f requirements/lock.txt ] && cp requirements/lock.txt "$out"   # uv keeps the versions it finds in the output file
+# uv keeps the versions it finds in the output file; torch's, with the +cpu label the lock leaves off (see below).
+if [ -f requirements/lock.txt ]; then
+  sed -E 's/^torch==([0-9.]+)$/torch==\1+cpu/' requirements/lock.txt >"$out"
+fi
 "$UV_VENV/bin/uv" pip compile pyproject.toml requirements/lock.in --constraint requirements/lock-constraints.in \
   --all-extras --python-version 3.11 --python-platform x86_64-manylinux_2_28 ${find_links[@]+"${find_links[@]}"} \
   --custom-compile-command "bash scripts/lock.sh" --quiet --output-file "$out" "$@"

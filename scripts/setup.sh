@@ -44,10 +44,10 @@ def name(line):  # the normalised project name a requirement line is about, or N
     return re.sub(r"[-_.]+", "-", match.group(1)).lower() if match else None
 def lines(path):
     with open(path) as f:
-        return [line.rstrip("\n") for line in f if name(line)]
+        return f.read().splitlines()
 base = [torch_pin] if lock == "none" else lines(lock)
 extra = lines(override) if override else []
-overridden = {name(line) for line in extra}
+overridden = {name(line) for line in extra} - {None}
 print("\n".join([line for line in base if name(line) not in overridden] + extra))
 EOF
 upgrade=()

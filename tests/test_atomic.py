@@ -638,3 +638,57 @@ def test_single_file_writes_leave_no_temporaries_and_replace_atomically(tmp_path
     dead.write_text("torn")  # left by a writer killed before its rename
     atomic.atomic_write_text(str(path), "{}")
     assert sorted(os.listdir(tmp_path)) == ["state.json", "w.safetensors"]
+
+
+def test_an_unwritable_parent_is_saved_file_by_file_with_a_warning(tmp_path, monkeypatch, caplog):
+    target = tmp_path / "bundle"
+    with atomic.atomic_directory(target) as staging:
+        write_bundle(staging, 1)
+    real_make_directory = atomic._make_directory
+
+    def make_directory(parent, stem, kind):
+        if parent == str(tmp_path):  # what os.mkdir says in a folder this process may not write to
+            raise PermissionError(13, "Permission denied", parent)
+        return real_make_directory(parent, stem, kind)
+
+    monkeypatch.setattr(atomic, "_make_directory", make_directory)
+    with caplog.at_level(logging.WARNING):
+        with atomic.atomic_directory(target) as staging:
+            assert os.path.dirname(staging) == str(target)
+            write_bundle(staging, 2)
+    assert "may not write to its parent" in caplog.text
+    assert bundle_generation(read_from(str(target))) == 2 and temporaries(str(tmp_path)) == []
+    with pytest.raises(PermissionError):  # a new bundle there cannot be made at all: the error is the system's
+        atomic.AtomicDirectory(tmp_path / "new")
+
+
+def test_files_written_by_any_writer_follow_the_umask(tmp_path, umask):
+    """safetensors >= 0.8 creates its files -rw------- whatever the umask; a bundle's files must not depend on it."""
+    import torch
+    from safetensors.torch import save_file
+
+    target = tmp_path / "bundle"
+    with atomic.atomic_directory(target) as staging:
+        save_file({"w": torch.zeros(2)}, os.path.join(staging, "adapter_model.safetensors"))
+        Path(staging, "private.txt").write_text("x")
+        os.chmod(os.path.join(staging, "private.txt"), 0o600)
+        Path(staging, "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(os.path.join(staging, "run.sh"), 0o700)
+    assert stat.S_IMODE((target / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((target / "private.txt").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((target / "run.sh").stat().st_mode) == 0o777 & ~umask
+    # files the new save did not write keep their own mode (they are the old bundle's, linked)
+    (target / "notes.txt").write_text("mine")
+    os.chmod(target / "notes.txt", 0o600)
+    with atomic.atomic_directory(target) as staging:
+        write_bundle(staging, 1)
+    assert stat.S_IMODE((target / "notes.txt").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("umask", [0o022], indirect=True)
+def test_a_saved_peft_bundle_follows_the_umask(tmp_path, umask):
+    """``PeftModel.save_pretrained`` of a PaLoRA model: PEFT writes ``adapter_model.safetensors`` with safetensors."""
+    model = tiny_models()[0]
+    model.save_pretrained(str(tmp_path / "bundle"))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert stat.S_IMODE((tmp_path / "bundle" / name).stat().st_mode) == 0o644, name

@@ -327,6 +327,32 @@ def test_export_lora_writes_a_plain_peft_lora_equal_to_the_preference(text_bundl
     assert status == 2 and "sum" in _error_line(err)
 
 
+def test_export_task_loras_mixed_by_plain_peft_equal_the_preference(text_bundle, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import BertModel
+
+    path, model, tokenizer = text_bundle
+    out = tmp_path / "tasks"
+    assert main(["export-task-loras", path, "--out", str(out)]) == 0
+    assert "palora_tasks.json" in capsys.readouterr().out
+    index = json.load(open(out / "palora_tasks.json"))
+    tasks = list(model.task_names)
+    assert index["tasks"] == tasks
+    base = BertModel.from_pretrained(os.path.join(path, "base_model"))
+    lora = PeftModel.from_pretrained(base, str(out / tasks[0]), adapter_name=tasks[0])
+    lora.load_adapter(str(out / tasks[1]), adapter_name=tasks[1])
+    lora.add_weighted_adapter(tasks, [0.7, 0.3], adapter_name="mix", combination_type="cat")
+    lora.set_adapter("mix")
+    lora.eval()
+    model.eval()
+    encoded = tokenizer(["good film", "bad plot"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.backbone(**encoded, preference=[0.7, 0.3]).last_hidden_state
+        torch.testing.assert_close(lora(**encoded).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
+    status, err = _run(["export-task-loras", path, "--out", str(tmp_path / "x"), "--base", str(tmp_path / "nope")], capsys)
+    assert status == 2 and "base model" in _error_line(err)
+
+
 # ------------------------------------------------------------------------------------------------- the wheel's layout
 def test_the_package_never_imports_the_example_recipes():
     """`recipes` lives in examples/ and is not in the wheel: no module of the package may import it."""

@@ -80,6 +80,11 @@ def test_default_multimnist_run(tmp_path):
     assert f"--data {os.path.join(output_dir, 'eval.parquet')}" in stdout
     check_cli_front(output_dir, report, tmp_path)
 
+    # the card the job leaves shows its front (the hypervolume it printed) and names no path of this machine
+    card = open(os.path.join(output_dir, "README.md")).read()
+    assert f"{report['hypervolume']:.6g}" in card and "MultiTaskModel.from_pretrained" in card
+    assert str(tmp_path) not in card and "base_model: ''" not in card
+
     # the saved bundle + heads + initial base weights rebuild the evaluated model: same accuracy at a front end
     from recipes.multimnist import make_multimnist
     from transformers import ResNetModel

@@ -287,3 +287,56 @@ def test_gradient_checkpointing_through_the_trainer_gives_the_same_update(tmp_pa
         trained.append(model.state_dict())
     for key, expected in trained[0].items():
         torch.testing.assert_close(trained[1][key], expected, rtol=1e-5, atol=1e-7, msg=key)
+
+
+# ---- TrainingArguments flags a multi-task model handles or refuses -----------------------------------------------
+def test_label_smoothing_smooths_each_task_cross_entropy(tmp_path):
+    trainer = make_trainer(tmp_path, label_smoothing_factor=0.2, window_size=2)
+    assert trainer.args.label_smoothing_factor == 0.2  # the user's arguments are left as given
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    window = trainer.current_preferences()
+    loss = trainer.compute_loss(trainer.model, batch)
+
+    # independent: the window's mean of preference-weighted label-smoothed cross-entropies, written out by hand
+    model = trainer.model
+    expected = 0.0
+    for preference in window.double():
+        with torch.no_grad():
+            outputs = model(**model.model_inputs(batch), preference=preference.float())
+        for index, task in enumerate(TASKS):
+            logits, labels = outputs[task].double(), batch[LABELS[task]]
+            log_probs = torch.log_softmax(logits, dim=-1)
+            smoothed = (1 - 0.2) * -log_probs.gather(1, labels[:, None]).squeeze(1) - 0.2 * log_probs.mean(dim=-1)
+            expected += float(preference[index]) * float(smoothed.mean()) / len(window)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    plain = make_trainer(tmp_path / "plain", model=model, window_size=2)
+    assert float(plain.compute_loss(model, batch)) != pytest.approx(expected, rel=1e-3)
+    assert trainer.run_definition()["label_smoothing_factor"] == 0.2
+    assert "label_smoothing_factor" not in plain.run_definition()
+
+
+def test_label_smoothing_trains_and_evaluates_plain_cross_entropy(tmp_path):
+    tokenizer = word_tokenizer()
+    eval_set = tokenized(text_dataset(12, seed=1), tokenizer)
+    trainer = make_trainer(tmp_path, eval_dataset=eval_set, label_smoothing_factor=0.1)
+    assert trainer.train().global_step == 2
+    metrics = trainer.evaluate(preference=[1.0, 0.0])
+    model = trainer.model.eval()
+    encoded = tokenizer(list(eval_set["text"]), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**encoded, preference=torch.tensor([1.0, 0.0]))["topic"]
+    plain = float(F.cross_entropy(logits, torch.tensor(list(eval_set["topic_label"]))))
+    assert metrics["eval_topic_loss"] == pytest.approx(plain, rel=1e-5)
+
+
+def test_label_smoothing_with_custom_losses_and_neftune_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="neftune_noise_alpha"):
+        make_trainer(tmp_path, neftune_noise_alpha=5.0)
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        PaLoRAHFTrainer(
+            model=tiny_model(),
+            args=arguments(tmp_path, label_smoothing_factor=0.1),
+            train_dataset=tokenized(text_dataset(), word_tokenizer()),
+            processing_class=word_tokenizer(),
+            loss_fns={task: F.cross_entropy for task in TASKS},
+        )

@@ -107,7 +107,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def _env(crash: str = "", step_delay: float = 0.0) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PALORA_TEST_CRASH=crash,
                PALORA_TEST_STEP_DELAY=str(step_delay))  # fmt: skip
-    env["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "examples"), os.environ.get("PYTHONPATH", "")])
     return env
 
 

@@ -293,3 +293,62 @@ def test_two_processes_match_one_process_with_the_global_batch(two_process_dir, 
     assert two_bundle.keys() == one_bundle.keys()
     for key in one_bundle:
         torch.testing.assert_close(two_bundle[key], one_bundle[key], rtol=1e-5, atol=1e-6)
+
+
+# ---- `accelerate launch --multi_gpu --num_processes 2` on a GPU-less machine ---------------------------------------
+def _launched_rank_run(output_dir: str) -> None:
+    """What each process of ``accelerate launch --multi_gpu --num_processes 2 examples/train_mtl.py`` sees on a CPU
+    machine: RANK/LOCAL_RANK/WORLD_SIZE set, no ACCELERATE_USE_CPU (which debug_launcher sets, hiding the bug)."""
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState, GradientState
+
+    from peft_palora.training.trainer import distributed_state
+
+    rank = torch.distributed.get_rank()
+    os.environ.pop("ACCELERATE_USE_CPU", None)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(NUM_PROCESSES))
+    args = PaLoRATrainingArguments(
+        output_dir=output_dir, max_steps=2, checkpointing_steps=2, window_size=2, disable_tqdm=True, use_cpu=True
+    )
+    loader = DataLoader(build_dataset(), batch_size=PER_DEVICE_BATCH, shuffle=True)
+
+    # a bare PartialState() first (what the example did) makes a one-process state: refused, nothing written
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert PartialState().num_processes == 1
+    with pytest.raises(RuntimeError, match="WORLD_SIZE"):
+        PaLoRATrainer(build_model(seed=0), args, loader)
+
+    # the trainer's state asked for first (what the example does now): one run of two processes
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    state = distributed_state(args)
+    trainer = PaLoRATrainer(build_model(seed=rank), args, loader)
+    trainer.train()
+    report = {
+        "state": [state.num_processes, state.process_index, state.is_main_process],
+        "accelerator": [trainer.accelerator.num_processes, trainer.accelerator.process_index],
+    }
+    with open(os.path.join(output_dir, f"launched_rank{rank}.json"), "w") as handle:  # for the parent test only
+        json.dump(report, handle)
+
+
+def test_a_multi_gpu_launch_on_cpu_is_one_run(tmp_path):
+    output_dir = str(tmp_path)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_multiprocess as t; "
+        "from accelerate import debug_launcher; "
+        "debug_launcher(t._launched_rank_run, args=(sys.argv[2],), num_processes=t.NUM_PROCESSES)"
+    )
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    completed = subprocess.run(
+        [sys.executable, "-c", code, tests_dir, output_dir], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    reports = [json.load(open(os.path.join(output_dir, f"launched_rank{rank}.json"))) for rank in range(2)]
+    assert reports[0] == {"state": [2, 0, True], "accelerator": [2, 0]}
+    assert reports[1] == {"state": [2, 1, False], "accelerator": [2, 1]}
+    # one checkpoint, holding both ranks' RNG states: two lone runs would each have written random_states_0 only
+    assert sorted(name for name in os.listdir(output_dir) if name.startswith("checkpoint")) == ["checkpoint-2"]
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(os.path.join(output_dir, "checkpoint-2")))

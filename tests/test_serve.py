@@ -203,12 +203,17 @@ def _get(url):
         ({"inputs": [1, 2], "preference": [[0.5, 0.5]]}, 400, "one vector"),
         ({"inputs": [1, 2], "preference": {"a": 0.5, "c": 0.5}}, 400, "unknown task name"),
         ({"inputs": [1, 2], "preference": [-0.5, 1.5]}, 400, "non-negative"),
+        ({"inputs": [1, 2], "preference": [10**400, 0]}, 400, "must be finite"),  # beyond float: was a dropped line
+        (b'{"inputs": [1, 2], "preference": [' + b"1" * 5000 + b', 0]}', 400, "not valid JSON"),  # > 4300 digits
         ({"inputs": [1, 2], "preference": "0.5,0.5"}, 400, "string"),
         ({"inputs": "hello", "preference": [0.5, 0.5]}, 400, "token ids"),
         ({"inputs": [1, 2], "preference": [0.5, 0.5], "extra": 1}, 400, "unknown field"),
         ({"inputs": [1, 999], "preference": [0.5, 0.5]}, 500, "model failed"),  # token id beyond the vocabulary
     ],
-    ids=lambda value: "deeply-nested" if isinstance(value, bytes) and len(value) > 50 else None,
+    ids=lambda value: (
+        ("deeply-nested" if value.startswith(b"[[") else "huge-int") if isinstance(value, bytes) and len(value) > 50
+        else None
+    ),
 )
 def test_bad_requests_are_answered_and_the_server_keeps_serving(text_model, payload, status, words, no_thread_left):
     batcher = serve.PreferenceBatcher(text_model, pad_tokens, num_tasks=2, task_names=TASKS, max_wait_ms=1)
@@ -218,6 +223,31 @@ def test_bad_requests_are_answered_and_the_server_keeps_serving(text_model, payl
         got, body = serve.post_json(server.url + "/predict", {"inputs": [3, 4, 5], "preference": [0.3, 0.7]}, TIMEOUT)
         assert got == 200
         assert_matches(body["outputs"], direct(text_model, [3, 4, 5], [0.3, 0.7]))
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "\u0663", "+12", "1_2", "abc"])
+def test_content_length_that_is_not_ascii_digits_is_a_400(text_model, length, no_thread_left):
+    import socket
+    from urllib.parse import urlsplit
+
+    batcher = serve.PreferenceBatcher(text_model, pad_tokens, num_tasks=2, task_names=TASKS, max_wait_ms=1)
+    with serve.BatchingServer(batcher, port=0) as server:
+        parts = urlsplit(server.url)
+        body = json.dumps({"inputs": [1, 2], "preference": [0.5, 0.5]}).encode()
+        head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+        with socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT) as connection:
+            connection.sendall(head.encode("latin-1", errors="replace") if length.isascii() or length == "\u00b2"
+                               else head.encode("utf-8"))
+            connection.sendall(body)
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.split()[1] == b"400", answer
+        assert b"Content-Length" in rest.partition(b"\r\n\r\n")[2]
+        got, reply = serve.post_json(server.url + "/predict", {"inputs": [3, 4, 5], "preference": [0.3, 0.7]}, TIMEOUT)
+        assert got == 200
+        assert_matches(reply["outputs"], direct(text_model, [3, 4, 5], [0.3, 0.7]))
 
 
 def test_http_errors_for_paths_and_sizes(text_model, no_thread_left):

@@ -72,8 +72,13 @@ def test_hostile_names_add_no_structure_to_the_card(newline_in_task):
         front_table={"topic": [0.5], "acc": ["x"]},
     )
     text = str(hostile)
-    assert "<script" not in text and "<img" not in text and "<b>" not in text and "<i>" not in text
     metadata, body = _split(text)
+    # No raw HTML reaches a reader: the rendered body holds none of the tags (user text inside the usage snippet's
+    # code block is shown as written, which a renderer escapes), and the Markdown outside code blocks has none either.
+    html = markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(body)
+    prose = "".join(token.content for token in _render(body) if token.type != "fence")
+    for rendered in (html, prose):
+        assert "<script" not in rendered and "<img" not in rendered and "<b>" not in rendered and "<i>" not in rendered
     hostile_tokens, plain_tokens = _render(body), _render(_split(str(plain))[1])
     assert _structure(hostile_tokens) == _structure(plain_tokens)
     assert not any(token.type.startswith("html") for token in hostile_tokens)
@@ -119,11 +124,14 @@ def test_the_usage_snippet_stays_valid_python_naming_the_tasks():
     ["plain", "lambda_0", "a|b", "x\ny", "tab\there", "\u2028sep\u0085", "`<&>`", '"\\', "emoji \U0001f600 café", "\x00\x7f"],
 )
 def test_python_literal_round_trips(text):
-    from peft_palora.interop.hub import _python_literal
+    from peft_palora.tuner.card import _literal as _python_literal
 
     literal = _python_literal(text)
     assert ast.literal_eval(literal) == text
-    assert "\n" not in literal and "`" not in literal and "<" not in literal and "&" not in literal
+    assert "\n" not in literal and "\r" not in literal
+    # In the usage snippet's fenced code block the literal is shown exactly as written: it cannot end the block.
+    tokens = _render(f"```python\nx = {literal}\n```\n")
+    assert [(t.type, t.content) for t in tokens] == [("fence", f"x = {literal}\n")]
 
 
 @pytest.mark.parametrize(
@@ -136,7 +144,7 @@ def test_python_literal_round_trips(text):
     ],
 )
 def test_plain_names_are_left_readable(text, kept):
-    from peft_palora.interop.hub import _escape_markdown
+    from peft_palora.tuner.card import escape as _escape_markdown
 
     assert _escape_markdown(text) == kept
 
@@ -149,7 +157,7 @@ def test_plain_names_are_left_readable(text, kept):
     ],
 )
 def test_escaped_text_renders_as_itself_and_nothing_else(text):
-    from peft_palora.interop.hub import _escape_markdown
+    from peft_palora.tuner.card import escape as _escape_markdown
 
     escaped = _escape_markdown(text)
     tokens = _render(f"start {escaped} end")
@@ -160,19 +168,22 @@ def test_escaped_text_renders_as_itself_and_nothing_else(text):
     assert not re.search(r"[^\\]://|www\.|[^\\]@|[^\\]\.[a-z]", escaped), escaped
 
 
-def test_metadata_with_hostile_values_round_trips_and_has_no_raw_html():
-    from peft_palora.interop.hub import _metadata_yaml
+def test_metadata_with_hostile_values_round_trips():
+    """The card's YAML is written by `ModelCardData` (a YAML serialiser): hostile values parse back as given."""
+    from huggingface_hub import ModelCard
 
-    metadata = {
-        "base_model": "a\n---\n<script>x</script>",
-        "tags": ["ok", "b & c", "- item\n- other", "d\u2028e", "emoji \U0001f600", "x: y", "'q'\"", "#no"],
-        "license": "mit",
-        "nested": {"key<": ["&v>"]},
-    }
-    text = _metadata_yaml(metadata)
-    assert yaml.safe_load(text) == metadata
-    assert not re.search("[<>&]", text)
-    assert "---" not in [line.strip() for line in text.splitlines()]
+    from peft_palora.interop.hub import build_model_card
+
+    base = "a\n---\n<script>x</script>"
+    tags = ["ok", "b & c", "- item\n- other", "d\u2028e", "emoji \U0001f600", "x: y", "'q'\"", "#no"]
+    text = str(build_model_card(_config(PLAIN_TASKS, ["query"]), base_model=base, tags=tags, license="mit"))
+    metadata, _ = _split(text)
+    assert metadata["base_model"] == base and metadata["license"] == "mit"
+    assert metadata["tags"][-len(tags):] == tags and f"base_model:adapter:{base}" in metadata["tags"]
+    assert ModelCard(text).data.to_dict() == metadata
+    front_matter = text[4 : text.index("\n---\n", 4)]
+    # a document marker ends the front matter only at the start of a line: every line of a value is indented
+    assert not [line for line in front_matter.splitlines() if line.startswith(("---", "..."))]
 
 
 def test_write_model_card_writes_the_card_the_front_and_the_plot(tmp_path):

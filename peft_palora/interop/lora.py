@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peft_palora.tuner.bundle import check_adapter_tensors
 from peft_palora.tuner.config import PaLoRAConfig
 from peft_palora.tuner.conversion import (
     _PREFIX,
@@ -38,6 +39,7 @@ from peft_palora.tuner.conversion import (
     _plain_module_names,
     _target_modules_for,
     export_lora,
+    export_task_loras,
 )
 from peft_palora.tuner.layer import ConvNd, Embedding, Linear
 
@@ -106,18 +108,54 @@ def export_lora_from_bundle(
     Returns:
         The path of ``save_directory``.
     """
-    from peft import PeftModel
-
-    from peft_palora.tuner.bundle import check_local_bundle
-
     if not isinstance(bundle_dir, (str, os.PathLike)) or not os.path.isdir(bundle_dir):
         raise ValueError(f"`bundle_dir` must be an existing folder, got {bundle_dir!r}.")
+    if isinstance(preference, str):
+        preference = parse_preference_string(preference)
+    peft_model = _load_palora_bundle(bundle_dir, base, save_directory)
+    return export_lora(peft_model, save_directory, preference=preference)
+
+
+def export_task_loras_from_bundle(
+    bundle: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | nn.Module | None = None
+) -> str:
+    """Load a saved PaLoRA bundle onto its base model (offline) and :func:`export_task_loras` it: ``out/<task>/``
+    is one plain PEFT LoRA per task and ``out/palora_tasks.json`` the rule that mixes them (``palora export-task-loras``).
+
+    Args:
+        bundle: a local PaLoRA bundle folder.
+        out: the folder to write.
+        base: the base model, as for :func:`export_lora_from_bundle`.
+
+    Returns:
+        The path of ``out``.
+    """
+    return export_task_loras(_load_palora_bundle(bundle, base, out, name="bundle", out_name="out"), out)
+
+
+def _load_palora_bundle(
+    bundle_dir: Any,
+    base: str | os.PathLike | nn.Module | None,
+    save_directory: Any,
+    name: str = "bundle_dir",
+    out_name: str = "save_directory",
+):
+    """The PaLoRA `PeftModel` of a local bundle on its base model (`base`, else ``base_model/``, else the config's),
+    once the output folder `save_directory` is known to lie apart from the bundle (an export never replaces its input).
+    """
+    from peft import PeftModel
+
+    from peft_palora.tuner.bundle import check_local_bundle, check_output_apart_from_input
+
+    if not isinstance(bundle_dir, (str, os.PathLike)) or not os.path.isdir(bundle_dir):
+        raise ValueError(f"`{name}` must be an existing folder, got {bundle_dir!r}.")
     bundle_dir = os.fspath(bundle_dir)
+    if not isinstance(save_directory, (str, os.PathLike)) or not os.fspath(save_directory):
+        raise TypeError(f"`{out_name}` must be a non-empty path, got {save_directory!r}.")
+    check_output_apart_from_input(save_directory, bundle_dir, f"`{out_name}`", f"PaLoRA bundle `{name}`")
     config = check_local_bundle(bundle_dir)
     if config is None:
         raise ValueError(f"{bundle_dir} holds no PaLoRA bundle ({CONFIG_NAME} missing or peft_type is not 'PALORA').")
-    if isinstance(preference, str):
-        preference = parse_preference_string(preference)
     if isinstance(base, nn.Module):
         base_model = base
     else:
@@ -133,8 +171,7 @@ def export_lora_from_bundle(
                 f"The bundle {bundle_dir} names no base model and has no base_model/ folder; pass `base`."
             )
         base_model = _load_base_model(source, config.get("task_type"), config.get("revision"))
-    peft_model = PeftModel.from_pretrained(base_model, bundle_dir)
-    return export_lora(peft_model, save_directory, preference=preference)
+    return PeftModel.from_pretrained(base_model, bundle_dir)
 
 
 def parse_preference_string(text: str) -> list[float] | dict[str, float]:
@@ -219,6 +256,7 @@ def _read_lora_bundle(task: str, path: str, model: nn.Module) -> tuple[dict[str,
         state = load_file(weights_path)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{where}: cannot read {weights_path}: {error}") from error
+    check_adapter_tensors(state, f"{where}: {weights_path}")
 
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
@@ -264,6 +302,8 @@ def _read_lora_bundle(task: str, path: str, model: nn.Module) -> tuple[dict[str,
             )
         r = rank_pattern.get(get_pattern_key(list(rank_pattern), module_path), r_default)
         alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module_path), alpha_default)
+        if rank == 0:
+            raise ValueError(f"{where}: layer {module_path!r} has rank-0 factors; a LoRA layer needs rank >= 1.")
         if r != rank:
             raise ValueError(f"{where}: layer {module_path!r} has rank {rank} in its weights but r={r} in its config.")
         scaling = float(alpha) / (math.sqrt(r) if rslora else r)
@@ -299,8 +339,29 @@ def _check_lora_features(where: str, config: Mapping[str, Any]) -> None:
         )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0):
-            raise ValueError(f"{where} has an invalid {key}={value!r}.")
+        if value is not None and not _positive_finite(value, integer=key == "r"):
+            raise ValueError(
+                f"{where} has an invalid {key}={value!r}; it must be a positive finite "
+                + ("int." if key == "r" else "number.")
+            )
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, Mapping):
+            raise ValueError(f"{where} has an invalid {key}={pattern!r}; it must map layer names to numbers.")
+        for name, value in pattern.items():
+            if not _positive_finite(value, integer=integer):
+                raise ValueError(
+                    f"{where} has an invalid {key}[{name!r}]={value!r}; it must be a positive finite "
+                    + ("int." if integer else "number.")
+                )
+
+
+def _positive_finite(value: Any, integer: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        return False
+    return math.isfinite(value) and value > 0
 
 
 def _expected_shapes(where, path, base, rank, embedding):

@@ -12,13 +12,18 @@
 * checkpoints hold the adapter bundle, the heads and any other trainable tensor -- not the frozen base model --
   and resuming refuses a run whose PaLoRA-defining arguments changed;
 * :class:`FrontEvaluationCallback` evaluates the front over a preference grid at every evaluation and logs its
-  hypervolume.
+  hypervolume; fronts are computed by :func:`~peft_palora.training.core.compute_front`, as in the Accelerate
+  trainer;
+* ``label_smoothing_factor`` smooths each task's training cross-entropy (evaluation reports the plain one);
+  ``neftune_noise_alpha`` is refused: NEFTune perturbs the token embeddings of a language model's fine-tuning, which
+  a multi-task model with heads is not.
 
 Everything else (accumulation, mixed precision, logging, distributed training) is the Trainer's own.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,20 +33,26 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from peft_palora.fronts.evaluation import MetricFn, accuracy, evaluate_multitask
+from peft_palora.fronts.evaluation import MetricFn, evaluate_multitask
 from peft_palora.objectives import MultiTaskObjective
 from peft_palora.preferences import PreferenceSampler, simplex_grid
-from peft_palora.training.multitask import MultiTaskModel
-from peft_palora.training.window import (
-    LossFn,
-    PaLoRAArguments,
-    PreferenceWindow,
-    check_palora_arguments,
-    check_same_run,
-    window_step,
+from peft_palora.training.core import (
+    WindowPosition,
+    build_optimizer,
+    check_metric_fns,
+    check_multitask_model,
+    check_resume,
+    compute_front,
+    dataset_size,
+    per_sample_front_applies,
+    process_reducer,
+    run_definition,
 )
+from peft_palora.training.multitask import MultiTaskModel
+from peft_palora.training.window import LossFn, PaLoRAArguments, PreferenceWindow, check_palora_arguments
 from peft_palora.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -91,33 +102,41 @@ class PaLoRAHFTrainer(Trainer):
         **kwargs: Any,
     ):
         overrides = {name: kwargs.pop(name) for name in _PALORA_FIELDS if name in kwargs}
-        super().__init__(*args, **kwargs)
-        model = self.model
-        if not isinstance(model, MultiTaskModel):
-            raise TypeError(f"PaLoRAHFTrainer needs a MultiTaskModel, got {type(model).__name__}.")
-        if set(model.label_columns) != set(model.task_names):
-            raise ValueError(f"`model.label_columns` must name every task {model.task_names}.")
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        smoothing = _check_trainer_flags(training_args, loss_fns)
+        # The Trainer reads the smoothing factor off `model.config` for its own label smoother, which a multi-task
+        # model has no use for: it is applied to each task's loss below instead.
+        if smoothing:
+            training_args.label_smoothing_factor = 0.0
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if smoothing:
+                training_args.label_smoothing_factor = smoothing
+        model = check_multitask_model(self.model, "the model of PaLoRAHFTrainer")
         defaults = {name: getattr(self.args, name) for name in _PALORA_FIELDS if hasattr(self.args, name)}
         self.palora_args = PaLoRAArguments(**{**defaults, **overrides})
         self.task_names = model.task_names
+        self.label_smoothing_factor = smoothing
+        self.loss_fns = dict(loss_fns) if loss_fns is not None else {task: F.cross_entropy for task in self.task_names}
+        window_losses = loss_fns
+        if smoothing:
+            smoothed = functools.partial(F.cross_entropy, label_smoothing=smoothing)
+            window_losses = {task: smoothed for task in self.task_names}
         # sampling, expanding and combining: the same object as in the Accelerate trainer
         self.window = PreferenceWindow.from_arguments(
-            self.palora_args, model, preference_sampler=preference_sampler, objective=objective, loss_fns=loss_fns
+            self.palora_args, model, preference_sampler=preference_sampler, objective=objective, loss_fns=window_losses
         )
         self.preference_sampler = self.window.sampler
         self.objective = self.window.objective
-        self.loss_fns = self.window.loss_fns
         self.window_mode = self.window.mode
         self.adapter_lr_multiplier = self.palora_args.adapter_lr_multiplier
-        self.metric_fns = dict(metric_fns) if metric_fns is not None else {"accuracy": accuracy}
-        for key, function in self.metric_fns.items():
-            if not callable(function):
-                raise TypeError(f"`metric_fns[{key!r}]` must be callable, got {type(function).__name__}.")
+        self.metric_fns = check_metric_fns(metric_fns)
         if self.args.label_names is None:
             self.label_names = list(model.label_columns.values())
         # PaLoRA's loss is a mean per micro-batch: the Trainer must divide it by the accumulation steps itself
         self.model_accepts_loss_kwargs = False
-        self._window_position = (-1, 0)  # (global step, micro-batches of it already run)
+        self._position = WindowPosition()
 
     # ---- columns ------------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
@@ -140,24 +159,19 @@ class PaLoRAHFTrainer(Trainer):
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """AdamW over ``peft_palora.adapter_param_groups``: adapters at ``lr * T``, the rest at ``lr``."""
         if self.optimizer is None:
-            from peft_palora.training.optimization import adapter_param_groups
-
-            groups = adapter_param_groups(
+            args = self.args
+            self.optimizer = build_optimizer(
                 self.model,
-                lr=self.args.learning_rate,
-                weight_decay=self.args.weight_decay,
-                adapter_lr_multiplier=self.adapter_lr_multiplier,
-            )
-            self.optimizer = torch.optim.AdamW(
-                groups, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon
+                args.learning_rate,
+                args.weight_decay,
+                self.adapter_lr_multiplier,
+                betas=(args.adam_beta1, args.adam_beta2),
+                eps=args.adam_epsilon,
             )
         return self.optimizer
 
     def _sampler_step(self) -> int:
-        global_step, index = self._window_position
-        if global_step != self.state.global_step:
-            global_step, index = self.state.global_step, 0
-        return window_step(global_step, index, self.args.gradient_accumulation_steps)
+        return self._position.sampler_step(self.state.global_step, self.args.gradient_accumulation_steps)
 
     def current_preferences(self) -> torch.Tensor:
         """The window of the current micro-batch: a pure function of ``(global_step, max_steps, micro-batch)``."""
@@ -165,10 +179,7 @@ class PaLoRAHFTrainer(Trainer):
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
         loss = super().training_step(model, inputs, *args, **kwargs)
-        global_step, index = self._window_position
-        self._window_position = (
-            (global_step, index + 1) if global_step == self.state.global_step else (self.state.global_step, 1)
-        )
+        self._position.advance(self.state.global_step)
         return loss
 
     def compute_loss(
@@ -187,15 +198,11 @@ class PaLoRAHFTrainer(Trainer):
             self._sampler_step(),
             unwrapped=self.accelerator.unwrap_model(model),
             device=self.args.device,
-            reduce_fn=self._reduce_mean if self.accelerator.num_processes > 1 else None,
+            reduce_fn=process_reducer(self.accelerator) if self.accelerator.num_processes > 1 else None,
         )
         if return_outputs:
             return output.loss, {"task_losses": output.task_losses, "preferences": preferences}
         return output.loss
-
-    def _reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        # keeps the loss balancer's running averages identical on every process, as in the Accelerate trainer
-        return self.accelerator.reduce(tensor.to(self.args.device), reduction="mean")
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(
@@ -229,20 +236,7 @@ class PaLoRAHFTrainer(Trainer):
         dataloader = self.get_eval_dataloader(eval_dataset)
         model = self.accelerator.unwrap_model(self.model)
         start = time.time()
-        was_training = model.training
-        model.eval()
-        try:
-            raw = evaluate_multitask(
-                model,
-                _Prepared(self, dataloader),
-                preference=preference,
-                loss_fns=self.loss_fns,
-                metric_fns=self.metric_fns,
-                gather=self.accelerator.gather_for_metrics,
-                unwrapped=model,
-            )
-        finally:
-            model.train(was_training)
+        raw = self._evaluate_at(dataloader, preference)
         weights = _weights_for_loss(model, preference)
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in raw.items()}
         task_losses = [raw[f"{task}_loss"] for task in self.task_names]
@@ -259,51 +253,58 @@ class PaLoRAHFTrainer(Trainer):
         self.log(metrics)
         return metrics
 
-    def evaluate_front(self, preferences: Any = None, eval_dataset: Any = None):
-        """The front over ``preferences`` (default ``simplex_grid(T, eval_points_per_side)``) on the eval set, one
-        forward per batch for the whole grid: ``pref_<task>`` columns, then ``<task>_accuracy`` and ``<task>_loss``
-        computed from the ``label_columns`` (see :meth:`MultiTaskModel.per_sample_metrics`)."""
-        from peft_palora.fronts.evaluation import evaluate_front_batched
+    def _evaluate_at(self, dataloader: Any, preference: Any = None) -> dict[str, float]:
+        """Each task's loss and metrics over ``dataloader`` at ``preference``, gathered from every process."""
+        from peft_palora.training.core import eval_mode
 
+        model = self.accelerator.unwrap_model(self.model)
+        with eval_mode(model):
+            return evaluate_multitask(
+                model,
+                _Prepared(self, dataloader),
+                preference=preference,
+                loss_fns=self.loss_fns,
+                metric_fns=self.metric_fns,
+                gather=self.accelerator.gather_for_metrics,
+                unwrapped=model,
+            )
+
+    def evaluate_front(self, preferences: Any = None, eval_dataset: Any = None):
+        """The front over ``preferences`` (default ``simplex_grid(T, eval_points_per_side)``) on the eval set
+        (:func:`~peft_palora.training.core.compute_front`): ``pref_<task>`` columns, then per task ``<task>_loss``
+        and ``<task>_<metric>``. With the default loss and metrics the whole grid runs in one forward per batch,
+        from the ``label_columns`` (:meth:`MultiTaskModel.per_sample_metrics`)."""
         if preferences is None:
             preferences = simplex_grid(len(self.task_names), self.palora_args.eval_points_per_side)
-        model = self.accelerator.unwrap_model(self.model)
         dataloader = self.get_eval_dataloader(eval_dataset)
-        was_training = model.training
-        model.eval()
-        try:
-            return evaluate_front_batched(
-                model, preferences, _Prepared(self, dataloader), model.per_sample_metrics, task_names=self.task_names
-            )
-        finally:
-            model.train(was_training)
+        num_processes = self.accelerator.num_processes
+        return compute_front(
+            self.accelerator.unwrap_model(self.model),
+            preferences,
+            batches=functools.partial(_Prepared, self, dataloader),
+            evaluate_at=functools.partial(self._evaluate_at, dataloader),
+            per_sample=per_sample_front_applies(self.loss_fns, self.metric_fns),
+            reduce_sum=process_reducer(self.accelerator, "sum") if num_processes > 1 else None,
+        )
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
     def run_definition(self) -> dict[str, Any]:
         """What defines this run (the PaLoRA window and the optimisation settings), stored in every checkpoint as
         ``palora_run.json`` and compared when resuming."""
         args = self.args
-        try:
-            dataset_size = len(self.train_dataset) if self.train_dataset is not None else None
-        except TypeError:
-            dataset_size = None
-        return {
-            "format": 1,
-            **self.window.describe(),
-            "max_steps": args.max_steps,
-            "num_train_epochs": args.num_train_epochs,
-            "learning_rate": args.learning_rate,
-            "adapter_lr_multiplier": self.adapter_lr_multiplier,
-            "weight_decay": args.weight_decay,
-            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-            "warmup_steps": args.warmup_steps,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "max_grad_norm": args.max_grad_norm,
-            "seed": args.seed,
-            "world_size": args.world_size,
-            "dataset_size": dataset_size,
-        }
+        specific = {}
+        if self.label_smoothing_factor:  # absent when off, so that earlier checkpoints still compare equal
+            specific["label_smoothing_factor"] = self.label_smoothing_factor
+        return run_definition(
+            self.window,
+            args,
+            adapter_lr_multiplier=self.adapter_lr_multiplier,  # a keyword given to the trainer overrides `args`
+            num_train_epochs=args.num_train_epochs,
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            world_size=args.world_size,
+            dataset_size=dataset_size(self.train_dataset),
+            **specific,
+        )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save what training changes: the adapter bundle, the heads, any other trainable tensor
@@ -345,10 +346,28 @@ class PaLoRAHFTrainer(Trainer):
             if os.path.isfile(definition):
                 with open(definition, encoding="utf-8") as handle:
                     stored = json.load(handle)
-                current = json.loads(json.dumps(self.run_definition()))
-                check_same_run(stored, current, path, self.palora_args.allow_changed_arguments, logger)
-        self._window_position = (-1, 0)
+                check_resume(stored, self.run_definition(), path, self.palora_args.allow_changed_arguments, logger)
+        self._position.reset()
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def _check_trainer_flags(args: Any, loss_fns: Mapping[str, LossFn] | None) -> float:
+    """Refuse the ``TrainingArguments`` flags a multi-task model cannot honour; returns the label smoothing."""
+    if args is None:
+        return 0.0
+    if getattr(args, "neftune_noise_alpha", None) is not None:
+        raise ValueError(
+            f"`neftune_noise_alpha` ({args.neftune_noise_alpha!r}) is not supported by PaLoRAHFTrainer: NEFTune adds "
+            "noise to the input embeddings of a language model being instruction-tuned, and a multi-task model "
+            "with task heads has no such single embedding to perturb. Leave it None."
+        )
+    smoothing = getattr(args, "label_smoothing_factor", 0.0) or 0.0
+    if smoothing and loss_fns is not None:
+        raise ValueError(
+            f"`label_smoothing_factor` ({smoothing}) smooths the default cross-entropy of every task; with "
+            "`loss_fns` given, smooth inside them (e.g. F.cross_entropy(..., label_smoothing=...)) and leave it 0."
+        )
+    return float(smoothing)
 
 
 class _Prepared:
@@ -385,7 +404,7 @@ class FrontEvaluationCallback(TrainerCallback):
 
     The per-sample metrics come from the model's ``label_columns`` (:meth:`MultiTaskModel.per_sample_metrics`:
     accuracy and loss per task), and the whole grid runs in one forward per batch
-    (:func:`~peft_palora.pareto.evaluate_front_batched`).
+    (:func:`~peft_palora.training.core.compute_front`, one preference at a time for batch statistics).
 
     Args:
         preferences: the ``(P, T)`` grid; default ``simplex_grid(T, points_per_side)``.
@@ -417,7 +436,8 @@ class FrontEvaluationCallback(TrainerCallback):
         self.fronts: dict[int, Any] = {}
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None, **kwargs):
-        from peft_palora.fronts.evaluation import evaluate_front_batched
+        from accelerate import PartialState
+
         from peft_palora.pareto import hypervolume
 
         if not isinstance(model, MultiTaskModel):
@@ -430,15 +450,18 @@ class FrontEvaluationCallback(TrainerCallback):
             points = self.points_per_side or getattr(args, "eval_points_per_side", None) or 11
             preferences = simplex_grid(len(task_names), points)
         device = next(model.parameters()).device
-        batches = ({key: _to(value, device) for key, value in batch.items()} for batch in eval_dataloader)
-        was_training = model.training
-        model.eval()
-        try:
-            front = evaluate_front_batched(
-                model, preferences, batches, model.per_sample_metrics, task_names=task_names
-            )
-        finally:
-            model.train(was_training)
+
+        def batches():
+            return ({key: _to(value, device) for key, value in batch.items()} for batch in eval_dataloader)
+
+        state_ = PartialState()  # the Trainer's: each process evaluates its part of the eval set
+        front = compute_front(
+            model,
+            preferences,
+            batches=batches,
+            evaluate_at=lambda: evaluate_multitask(model, batches()),
+            reduce_sum=process_reducer(state_, "sum") if state_.num_processes > 1 else None,
+        )
         columns = [f"{task}_{self.metric}" for task in task_names]
         maximize = self.metric == "accuracy"
         reference = self.reference if self.reference is not None else [0.0] * len(task_names)

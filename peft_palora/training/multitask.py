@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peft_palora.utils.atomic import atomic_save_safetensors, atomic_write_text
+from peft_palora.utils.checks import check_int
+from peft_palora.utils.json_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +36,7 @@ def linear_heads(in_features: int, num_classes: Mapping[str, int]) -> nn.ModuleD
     if not num_classes:
         raise ValueError("`num_classes` must name at least one task.")
     for task, classes in num_classes.items():
-        if not isinstance(classes, int) or classes < 1:
-            raise ValueError(f"`num_classes[{task!r}]` must be a positive int, got {classes!r}.")
+        check_int(classes, f"`num_classes[{task!r}]`", minimum=1)
     return nn.ModuleDict({task: nn.Linear(in_features, classes) for task, classes in num_classes.items()})
 
 
@@ -155,9 +156,8 @@ def detect_pooling(model: nn.Module) -> tuple[str, str]:
         pooling_config = _checkpoint_file(name, _POOLING_CONFIG)
         if pooling_config is not None:
             try:
-                with open(pooling_config, encoding="utf-8") as handle:
-                    modes = json.load(handle)
-            except (OSError, ValueError):
+                modes = read_json(pooling_config, what="sentence-transformers pooling config")
+            except ValueError:  # a damaged pooling config is only a hint lost: fall back to mean pooling
                 modes = {}
             if modes.get("pooling_mode_cls_token") and not modes.get("pooling_mode_mean_tokens"):
                 return (
@@ -390,10 +390,20 @@ class MultiTaskModel(nn.Module):
     def export_lora(self, save_directory: str, preference: Any = None, **kwargs: Any) -> Any:
         """``backbone.export_lora`` (a plain PEFT LoRA bundle equal to the model at ``preference``) plus the heads
         (``task_heads.safetensors``) and ``multitask_config.json`` beside it."""
-        export = getattr(self.backbone, "export_lora", None)
-        if not callable(export):
-            raise AttributeError(f"{type(self.backbone).__name__} has no `export_lora` (needs a newer peft_palora).")
-        result = export(save_directory, preference=preference, **kwargs)
+        from peft_palora.tuner.conversion import export_lora
+
+        # Given this model (not its backbone), a refusal names what works for a MultiTaskModel.
+        result = export_lora(self, save_directory, preference=preference, **kwargs)
+        save_task_heads(self.heads, save_directory)
+        self._write_multitask_config(save_directory)
+        return result
+
+    def export_task_loras(self, save_directory: str, **kwargs: Any) -> Any:
+        """``backbone.export_task_loras`` (one plain PEFT LoRA per task and ``palora_tasks.json``) plus the heads
+        (``task_heads.safetensors``) and ``multitask_config.json`` beside them."""
+        from peft_palora.tuner.conversion import export_task_loras
+
+        result = export_task_loras(self, save_directory, **kwargs)
         save_task_heads(self.heads, save_directory)
         self._write_multitask_config(save_directory)
         return result
@@ -562,8 +572,7 @@ class MultiTaskModel(nn.Module):
         metadata_path = os.path.join(pretrained_path, MULTITASK_CONFIG_NAME)
         metadata: dict[str, Any] = {}
         if os.path.isfile(metadata_path):
-            with open(metadata_path, encoding="utf-8") as handle:
-                metadata = json.load(handle)
+            metadata = read_json(metadata_path, what="multi-task config")
         label_columns = kwargs.pop("label_columns", metadata.get("label_columns"))
         pooling = kwargs.pop("pooling", metadata.get("pooling", "auto"))
         if heads is None:

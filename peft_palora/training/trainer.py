@@ -13,14 +13,18 @@
 * gradient accumulation, mixed precision (where the hardware has it), gradient clipping, trackers, checkpoints
   every N steps (``accelerator.save_state``, swapped in as a whole) and exact resumption, data order included; a
   resume whose arguments would change the run is refused, naming the changed fields;
-* at the end, the model is evaluated over a grid of preferences (:func:`peft_palora.pareto.evaluate_front`) and
-  :func:`write_front_report` writes the per-preference metrics, the hypervolume and a plot.
+* at the end, the model is evaluated over a grid of preferences (:func:`~peft_palora.training.core.compute_front`,
+  shared with the ``transformers.Trainer`` integration) and :func:`write_front_report` writes the per-preference
+  metrics, the hypervolume and a plot;
+* under ``accelerate launch`` with several processes, the processes form one run (:func:`distributed_state`); a
+  launch whose processes would each run alone, all writing one output folder, is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -31,14 +35,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import set_seed
-from torch import nn
 from torch.utils.data import DataLoader
 
-from peft_palora.fronts.evaluation import MetricFn, accuracy, evaluate_multitask
+from peft_palora.fronts.evaluation import MetricFn, evaluate_multitask
 from peft_palora.objectives import MultiTaskObjective, ObjectiveOutput
 from peft_palora.preferences import PreferenceSampler, simplex_grid
+from peft_palora.training.core import (
+    WindowPosition,
+    build_optimizer,
+    check_metric_fns,
+    check_multitask_model,
+    check_resume,
+    compute_front,
+    dataset_size,
+    eval_mode,
+    per_sample_front_applies,
+    process_reducer,
+    run_definition,
+    shard_batches,
+)
 from peft_palora.training.multitask import MultiTaskModel
 from peft_palora.training.window import (
     LossFn,
@@ -46,8 +63,6 @@ from peft_palora.training.window import (
     PreferenceWindow,
     check_int_argument,
     check_real_argument,
-    check_same_run,
-    window_step,
 )
 from peft_palora.utils.atomic import atomic_directory, atomic_write_text
 
@@ -161,6 +176,36 @@ def _has_accelerator_device() -> bool:
     return torch.cuda.is_available() or is_xpu_available() or is_mps_available()
 
 
+def use_cpu(args: PaLoRATrainingArguments) -> bool:
+    """Whether the trainer's Accelerator runs on the CPU: ``args.use_cpu``, or no GPU-like device."""
+    return bool(args.use_cpu) or not _has_accelerator_device()
+
+
+def distributed_state(args: PaLoRATrainingArguments) -> PartialState:
+    """The process state (rank, main process, world size) that :class:`PaLoRATrainer` will train in.
+
+    Accelerate's state is created once per process, by whoever asks first, and a later ``Accelerator(cpu=True)``
+    cannot change it. A script that needs ``is_main_process`` before the trainer exists must ask here, not with a
+    bare ``PartialState()``: on a GPU-less machine under ``accelerate launch --multi_gpu`` that one decides "not
+    distributed", and every process would then train alone into the same output folder.
+    """
+    return PartialState(cpu=use_cpu(args))
+
+
+def _check_one_run(accelerator: Accelerator) -> None:
+    """Refuse a launch of several processes whose Accelerator runs each on its own (see :func:`distributed_state`)."""
+    launched = os.environ.get("WORLD_SIZE", "1")
+    launched = int(launched) if launched.isdigit() else 1
+    if launched > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"this process was launched as one of {launched} (WORLD_SIZE), but Accelerate's state was created as a "
+            "single process, so every process would train its own model into the same `output_dir`. Something "
+            "created the state before the trainer without cpu=True (a bare `accelerate.PartialState()` on a "
+            "GPU-less machine, say): create it with `peft_palora.training.trainer.distributed_state(args)` instead, "
+            "or let the trainer create it first."
+        )
+
+
 def resolve_mixed_precision(choice: str) -> str:
     """``"auto"`` -> ``"bf16"`` on a GPU that supports it, ``"fp16"`` on other GPUs, ``"no"`` elsewhere."""
     if choice != "auto":
@@ -168,10 +213,6 @@ def resolve_mixed_precision(choice: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -244,12 +285,9 @@ class PaLoRATrainer:
         accelerator: Accelerator | None = None,
         optimizer: torch.optim.Optimizer | None = None,
     ):
-        if not isinstance(model, MultiTaskModel):
-            raise TypeError(f"`model` must be a MultiTaskModel, got {type(model).__name__}.")
+        check_multitask_model(model)
         if not isinstance(args, PaLoRATrainingArguments):
             raise TypeError(f"`args` must be PaLoRATrainingArguments, got {type(args).__name__}.")
-        if set(model.label_columns) != set(model.task_names):
-            raise ValueError(f"`model.label_columns` must name every task {model.task_names}.")
         if not isinstance(train_dataloader, DataLoader):
             raise TypeError(f"`train_dataloader` must be a torch DataLoader, got {type(train_dataloader).__name__}.")
         if eval_dataloader is not None and not isinstance(eval_dataloader, DataLoader):
@@ -272,15 +310,12 @@ class PaLoRATrainer:
         self.preference_sampler = self.window.sampler
         self.objective = self.window.objective
         self.window_mode = self.window.mode
-        self.metric_fns = dict(metric_fns) if metric_fns is not None else {"accuracy": accuracy}
-        for key, function in self.metric_fns.items():
-            if not callable(function):
-                raise TypeError(f"`metric_fns[{key!r}]` must be callable, got {type(function).__name__}.")
+        self.metric_fns = check_metric_fns(metric_fns)
 
         if accelerator is None:
             set_seed(args.seed)
             accelerator = Accelerator(
-                cpu=args.use_cpu or not _has_accelerator_device(),
+                cpu=use_cpu(args),
                 gradient_accumulation_steps=args.gradient_accumulation_steps,
                 mixed_precision=resolve_mixed_precision(args.mixed_precision),
                 log_with=args.report_to,
@@ -288,16 +323,16 @@ class PaLoRATrainer:
                 dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
                 step_scheduler_with_optimizer=False,
             )
+        _check_one_run(accelerator)
         self.accelerator = accelerator
         if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
             # Accelerate has no fp16 autocast on the CPU and quietly trains in float32.
             logger.warning("mixed_precision='fp16' has no effect on the CPU: training runs in float32. Use bf16.")
 
         if optimizer is None:
-            optimizer = torch.optim.AdamW(
-                _param_groups(model, args.learning_rate, args.weight_decay, args.adapter_lr_multiplier)
-            )
+            optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.adapter_lr_multiplier)
         self.model, self.optimizer, self.train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+        self._unsharded_eval_dataloader = eval_dataloader  # the front shards it by batch: each sample once
         self.eval_dataloader = accelerator.prepare(eval_dataloader) if eval_dataloader is not None else None
 
         self.steps_per_epoch = math.ceil(len(self.train_dataloader) / args.gradient_accumulation_steps)
@@ -317,7 +352,7 @@ class PaLoRATrainer:
 
         self.global_step = 0
         self.micro_step = 0
-        self._index_in_step = 0  # micro-batches of the current optimisation step already run
+        self._position = WindowPosition()  # micro-batches of the current optimisation step already run
         self.epoch = 0
         self.batches_in_epoch = 0
         self.log_history: list[dict[str, float]] = []
@@ -331,13 +366,8 @@ class PaLoRATrainer:
     def unwrapped_model(self) -> MultiTaskModel:
         return self.accelerator.unwrap_model(self.model)
 
-    def _shared_parameters(self) -> list[nn.Parameter]:
-        return [parameter for parameter in self.unwrapped_model.backbone.parameters() if parameter.requires_grad]
-
     def _reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.accelerator.num_processes == 1:
-            return tensor
-        return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="mean")
+        return process_reducer(self.accelerator)(tensor)
 
     def sample_preferences(self, global_step: int, step: int) -> torch.Tensor:
         """The window of optimisation step ``global_step`` for sampler step ``step`` (:func:`window_step`): a pure
@@ -404,8 +434,9 @@ class PaLoRATrainer:
             for batch in dataloader:
                 with accelerator.accumulate(self.model):
                     set_seed(_step_seed(args.seed, self.micro_step, accelerator.process_index))
-                    step = window_step(self.global_step, self._index_in_step, args.gradient_accumulation_steps)
+                    step = self._position.sampler_step(self.global_step, args.gradient_accumulation_steps)
                     output = self.training_step(batch, step)
+                    self._position.advance(self.global_step)
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
                     self.optimizer.step()
@@ -414,9 +445,7 @@ class PaLoRATrainer:
                 self.batches_in_epoch += 1
                 self._running.add(output)
                 if not accelerator.sync_gradients:
-                    self._index_in_step += 1
                     continue
-                self._index_in_step = 0
                 self.lr_scheduler.step()
                 self.global_step += 1
                 progress_bar.update(1)
@@ -462,9 +491,7 @@ class PaLoRATrainer:
         dataloader = dataloader or self.eval_dataloader
         if dataloader is None:
             raise ValueError("`evaluate` needs an eval dataloader.")
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             return evaluate_multitask(
                 self.model,
                 dataloader,
@@ -474,31 +501,36 @@ class PaLoRATrainer:
                 gather=self.accelerator.gather_for_metrics,
                 unwrapped=self.unwrapped_model,
             )
-        finally:
-            self.model.train(was_training)
 
     def evaluate_front(self, preferences: torch.Tensor | None = None, dataloader: DataLoader | None = None):
         """Evaluate at every preference of a grid (default: ``simplex_grid(T, eval_points_per_side)``).
 
-        Returns the :func:`peft_palora.pareto.evaluate_front` table: ``pref_<task>`` columns then, per task,
-        ``<task>_loss`` and ``<task>_<metric>``.
-        """
-        from peft_palora.fronts.evaluation import evaluate_front
+        Returns the :func:`~peft_palora.training.core.compute_front` table: ``pref_<task>`` columns then, per task,
+        ``<task>_loss`` and ``<task>_<metric>``, over the whole eval set on every process. With the default loss
+        and metrics (cross-entropy, accuracy) and no batch statistics, the grid runs in one forward per batch, the
+        processes of a data-parallel run each taking every N-th batch; otherwise :meth:`evaluate` runs at each
+        preference in turn.
 
+        Args:
+            dataloader: default the trainer's eval dataloader. One given here is used as it is on every process.
+        """
         if preferences is None:
             preferences = simplex_grid(len(self.task_names), self.args.eval_points_per_side)
-        unwrapped = self.unwrapped_model
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return evaluate_front(
-                unwrapped,
-                preferences,
-                lambda _model: self.evaluate(dataloader=dataloader),
-                task_names=self.task_names,
-            )
-        finally:
-            self.model.train(was_training)
+        accelerator = self.accelerator
+        raw = dataloader if dataloader is not None else self._unsharded_eval_dataloader
+        if raw is None:
+            raise ValueError("`evaluate_front` needs an eval dataloader.")
+        num_batches = len(raw) if hasattr(raw, "__len__") else 0
+        sharded = dataloader is None and accelerator.num_processes > 1 and num_batches >= accelerator.num_processes
+        shards = (accelerator.process_index, accelerator.num_processes) if sharded else (0, 1)
+        return compute_front(
+            self.unwrapped_model,
+            preferences,
+            batches=functools.partial(shard_batches, raw, *shards, accelerator.device),
+            evaluate_at=functools.partial(self.evaluate, dataloader=dataloader),
+            per_sample=per_sample_front_applies(self.loss_fns, self.metric_fns),
+            reduce_sum=process_reducer(accelerator, "sum") if sharded else None,
+        )
 
     # ---- saving -------------------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None) -> str:
@@ -516,36 +548,22 @@ class PaLoRATrainer:
         Two runs with the same definition, the same initial weights and the same data make the same updates; a
         resumed run whose definition differs from its checkpoint's would not continue the uninterrupted one.
         """
-        args = self.args
-        dataset = getattr(self.train_dataloader, "dataset", None)
-        try:
-            dataset_size = len(dataset) if dataset is not None else None
-        except TypeError:  # an iterable dataset
-            dataset_size = None
         groups = []
         for group in self.optimizer.param_groups:
             hyper = {key: value for key, value in group.items() if key not in ("params", "lr")}
             hyper["initial_lr"] = group.get("initial_lr", group.get("lr"))
             hyper["num_parameters"] = sum(parameter.numel() for parameter in group["params"])
-            groups.append(_json_ready(hyper))
-        return {
-            "format": 1,
-            **self.window.describe(),
-            "max_steps": self.max_steps,
-            "learning_rate": args.learning_rate,
-            "adapter_lr_multiplier": args.adapter_lr_multiplier,
-            "weight_decay": args.weight_decay,
-            "lr_scheduler_type": args.lr_scheduler_type,
-            "warmup_steps": args.warmup_steps,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "max_grad_norm": args.max_grad_norm,
-            "mixed_precision": self.accelerator.mixed_precision,
-            "seed": args.seed,
-            "num_processes": self.accelerator.num_processes,
-            "dataset_size": dataset_size,
-            "batches_per_epoch": len(self.train_dataloader),
-            "optimizer": {"type": type(_unwrap_optimizer(self.optimizer)).__name__, "param_groups": groups},
-        }
+            groups.append(hyper)
+        return run_definition(
+            self.window,
+            self.args,
+            max_steps=self.max_steps,
+            mixed_precision=self.accelerator.mixed_precision,
+            num_processes=self.accelerator.num_processes,
+            dataset_size=dataset_size(getattr(self.train_dataloader, "dataset", None)),
+            batches_per_epoch=len(self.train_dataloader),
+            optimizer={"type": type(_unwrap_optimizer(self.optimizer)).__name__, "param_groups": groups},
+        )
 
     def _trainer_state(self, running_stats: dict[str, Any]) -> dict[str, Any]:
         objective_state = self.objective.state_dict()["loss_balancer"]
@@ -630,11 +648,11 @@ class PaLoRATrainer:
             raise FileNotFoundError(f"{path!r} is not a PaLoRA checkpoint: it has no {TRAINER_STATE_NAME}.")
         with open(state_path, encoding="utf-8") as handle:
             state = json.load(handle)
-        current = _json_ready(self.run_definition())
+        current = self.run_definition()
         if "run" in state:
-            changes = check_same_run(state["run"], current, path, allow_changed_arguments, logger)
+            changes = check_resume(state["run"], current, path, allow_changed_arguments, logger)
         else:  # a checkpoint of an earlier version stored the schedule length only
-            changes = check_same_run(
+            changes = check_resume(
                 {"max_steps": state["max_steps"]}, {"max_steps": self.max_steps}, path, allow_changed_arguments, logger
             )
         fresh_groups = [
@@ -645,7 +663,7 @@ class PaLoRATrainer:
             self._apply_new_hyperparameters(fresh_groups)
         self.global_step = int(state["global_step"])
         self.micro_step = int(state["micro_step"])
-        self._index_in_step = 0
+        self._position.reset()
         self.epoch = int(state["epoch"])
         self.batches_in_epoch = int(state["batches_in_epoch"])
         self.objective.load_state_dict(
@@ -693,19 +711,6 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _json_ready(value: Any) -> Any:
-    """``value`` as JSON would give it back (tuples as lists, tensors as numbers, other objects as their repr)."""
-    if isinstance(value, Mapping):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
 class _RunningStats:
     """Sums of the logged quantities between two logging steps."""
 
@@ -749,14 +754,6 @@ class _RunningStats:
         for index, task in enumerate(self.task_names):
             logs[f"train/loss_{task}"] = float(values[2 + index])
         return logs
-
-
-def _param_groups(
-    model: MultiTaskModel, lr: float, weight_decay: float, adapter_lr_multiplier: float | None
-) -> list[dict[str, Any]]:
-    from peft_palora.training.optimization import adapter_param_groups
-
-    return adapter_param_groups(model, lr=lr, weight_decay=weight_decay, adapter_lr_multiplier=adapter_lr_multiplier)
 
 
 def _tracker_config(args: PaLoRATrainingArguments) -> dict[str, Any]:

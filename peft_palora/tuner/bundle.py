@@ -1,6 +1,8 @@
 """Checks of PaLoRA bundles before PEFT reads them, and the rollback of a refused load.
 
-* `check_local_bundle`: the files of a local bundle (config JSON, fields, safetensors readable; never a pickle).
+* `check_local_bundle`: the files of a local bundle (config JSON, fields, safetensors readable; never a pickle), and
+  the meaning recorded in the safetensors metadata (`bundle_metadata`) against the config.
+* `check_adapter_tensors`: every tensor a bundle loads is a finite floating-point tensor.
 * `check_modules_to_save_present`: a config that lists `modules_to_save` must come with their tensors.
 * `ignoring_mismatched_sizes`: carries `from_pretrained(..., ignore_mismatched_sizes=True)` to the tuner's load check.
 * `restore_base_model`: undo an injection whose weights could not be loaded (PaLoRA layers and modules_to_save
@@ -34,8 +36,13 @@ def local_bundle_dir(model_id: Any, subfolder: str | None) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def check_local_bundle(directory: str) -> dict | None:
-    """Validate a local PaLoRA bundle's files; returns its config dict, or None when it is not a PaLoRA bundle."""
+def check_local_bundle(directory: str, check_meaning: bool = False) -> dict | None:
+    """Validate a local PaLoRA bundle's files; returns its config dict, or None when it is not a PaLoRA bundle.
+
+    ``check_meaning=True`` also checks the safetensors metadata against the config (`check_bundle_metadata`). A load
+    leaves that to the tuner's load check (see `pending_meaning_problem`), which reports a shape mismatch, the more
+    specific error, first.
+    """
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
         return None
@@ -75,7 +82,104 @@ def check_local_bundle(directory: str) -> dict | None:
             + (f"; PaLoRA does not load the pickle file {WEIGHTS_NAME}." if pickled else ".")
         )
     bundle_keys(directory)  # readable?
+    if check_meaning:
+        check_bundle_metadata(weights_path, config)
     return config
+
+
+# What a bundle's tensors mean, recorded in the safetensors header (`__metadata__`, string values only) when a PaLoRA
+# model is saved: the weights alone hold only T*r directions per layer, so a config edited from T=3, r=2 to T=2,
+# r=3 (or with its task names reordered) would load them silently with another meaning.
+METADATA_FORMAT_VERSION = "1"
+_METADATA_FIELDS = ("num_tasks", "r", "task_names", "conv_layout")
+
+
+def bundle_metadata(config: Any) -> dict[str, str]:
+    """The safetensors metadata recording the meaning of a PaLoRA adapter's tensors (a config object or dict)."""
+    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    metadata = {"palora_format_version": METADATA_FORMAT_VERSION}
+    for field in _METADATA_FIELDS:
+        metadata[f"palora_{field}"] = json.dumps(get(field))
+    return metadata
+
+
+def check_bundle_metadata(weights_path: str, config: dict) -> None:
+    """Refuse a bundle whose config says something else than its safetensors file records (T, r, task names,
+    conv layout). Bundles saved before the metadata was written (no ``palora_format_version``) are not checked."""
+    problem = bundle_meaning_problem(weights_path, config)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def bundle_meaning_problem(weights_path: str, config: dict) -> str | None:
+    """The message of `check_bundle_metadata`, or None when the bundle's metadata agrees with ``config``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights_path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error type for a torn or foreign file
+        raise ValueError(f"{weights_path} is not a readable safetensors file (truncated or damaged?): {error}") from error
+    if "palora_format_version" not in metadata:
+        return None
+    problems = []
+    for field in _METADATA_FIELDS:
+        key = f"palora_{field}"
+        if key not in metadata:
+            continue
+        try:
+            recorded = json.loads(metadata[key])
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError(f"{weights_path} has unreadable metadata {key}={metadata[key][:80]!r}.") from None
+        given = config.get(field)
+        if field == "num_tasks" and given is None and isinstance(config.get("task_names"), list):
+            given = len(config["task_names"])
+        if field == "conv_layout" and given is None:
+            given = "peft"
+        if given != recorded:
+            problems.append(f"{field}: the tensors were saved with {recorded!r}, the config says {given!r}")
+    if not problems:
+        return None
+    return (
+        f"{weights_path} does not mean what {os.path.join(os.path.dirname(weights_path), CONFIG_NAME)} says ("
+        + "; ".join(problems) + "). The config was edited or belongs to another bundle; loading would give the "
+        "adapters another meaning."
+    )
+
+
+_PENDING_MEANING_PROBLEM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "palora_pending_meaning_problem", default=None
+)
+
+
+@contextmanager
+def pending_meaning_problem(problem: str | None) -> Iterator[None]:
+    """Carry a metadata disagreement found before a load to the tuner's load check, which raises it once the
+    tensors' shapes are known to fit (a shape mismatch is reported first, as the more specific error)."""
+    token = _PENDING_MEANING_PROBLEM.set(problem)
+    try:
+        yield
+    finally:
+        _PENDING_MEANING_PROBLEM.reset(token)
+
+
+def raise_pending_meaning_problem() -> None:
+    problem = _PENDING_MEANING_PROBLEM.get()
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def check_adapter_tensors(tensors: dict, where: str) -> None:
+    """Every tensor of a bundle must be a finite floating-point tensor (no NaN/inf, no integer or bool weights)."""
+    import torch
+
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not value.dtype.is_floating_point:
+            raise ValueError(f"{where}: tensor {key!r} has dtype {value.dtype}; adapter weights must be floating point.")
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: tensor {key!r} holds NaN or infinite values.")
 
 
 def bundle_keys(directory: str) -> set[str]:
@@ -157,3 +261,70 @@ def restore_base_model(model: nn.Module, adapter_name: str) -> None:
             setattr(parent, child, replacement)
     if getattr(model, "peft_config", None) is not None and set(model.peft_config) <= {adapter_name}:
         del model.peft_config
+
+
+# The config fields that fix what an adapter's tensors mean: a bundle loaded into an existing adapter must agree.
+_MEANING_FIELDS = ("num_tasks", "task_names", "r", "rank_pattern", "palora_alpha", "alpha_pattern", "target_modules",
+                   "exclude_modules", "layers_to_transform", "layers_pattern", "conv_layout")
+
+
+def _comparable(field: str, value: Any) -> Any:
+    if field in ("target_modules", "exclude_modules") and isinstance(value, (list, tuple, set, frozenset)):
+        return sorted(value)
+    if field in ("rank_pattern", "alpha_pattern") and not value:
+        return {}
+    if field == "layers_to_transform" and isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if field == "palora_alpha" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def check_existing_adapter_matches(existing: Any, bundle_config: dict, directory: str, adapter_name: str) -> None:
+    """Refuse to load a bundle into an existing adapter whose config gives its tensors another meaning.
+
+    PEFT loads the tensors of a bundle into an adapter that already exists without reading the bundle's config:
+    reordered task names would select the wrong task, another T or r another split of the same directions.
+    """
+    problems = []
+    for field in _MEANING_FIELDS:
+        if field not in bundle_config:
+            continue
+        have = getattr(existing, field, None)
+        given = bundle_config[field]
+        if field == "num_tasks" and given is None and isinstance(bundle_config.get("task_names"), list):
+            given = len(bundle_config["task_names"])
+        if field == "conv_layout" and given is None:
+            given = "peft"
+        if _comparable(field, have) != _comparable(field, given):
+            problems.append(f"{field}: adapter {have!r}, bundle {given!r}")
+    if problems:
+        raise ValueError(
+            f"Cannot load {os.path.join(directory, CONFIG_NAME)} into the existing adapter '{adapter_name}': its "
+            "config differs in what the tensors mean (" + "; ".join(problems) + "). Load it under a new "
+            "`adapter_name`, or delete the adapter first."
+        )
+
+
+def check_output_apart_from_input(output: str | os.PathLike, source: str | os.PathLike, output_name: str,
+                                  source_name: str) -> None:
+    """Refuse an output folder that is, contains or lies inside an input bundle (symlinks resolved): writing it
+    would replace or mix into the very bundle being read."""
+    out, src = os.path.realpath(output), os.path.realpath(source)
+    if out == src:
+        relation = "is"
+    elif out.startswith(src.rstrip(os.sep) + os.sep):
+        relation = "is inside"
+    elif src.startswith(out.rstrip(os.sep) + os.sep):
+        relation = "contains"
+    else:
+        return
+    raise ValueError(
+        f"{output_name} {os.fspath(output)!r} {relation} the {source_name} {os.fspath(source)!r} (resolved: {out!r}, "
+        f"{src!r}); writing there would destroy or change its input. Choose a folder outside it."
+    )
+
+
+def loaded_bundle_dir(config: Any) -> str | None:
+    """The local folder an adapter was loaded from (recorded by the PaLoRA `load_adapter`), or None."""
+    return getattr(config, "_palora_loaded_from", None)

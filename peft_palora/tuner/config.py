@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 from peft.utils.other import get_pattern_key
+
+from peft_palora.utils.checks import check_int, check_real
 
 _BIAS_OPTIONS = ("none", "all", "palora_only")
 
@@ -111,13 +112,9 @@ class PaLoRAConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.PALORA
         self._validate_tasks()
-        _check_int("r", self.r, minimum=1)
-        for name in ("palora_alpha", "palora_dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r}).")
-        if not math.isfinite(self.palora_alpha):
-            raise ValueError(f"`palora_alpha` must be finite, got {self.palora_alpha}.")
+        check_int(self.r, "`r`", minimum=1)
+        check_real(self.palora_alpha, "`palora_alpha`")
+        check_real(self.palora_dropout, "`palora_dropout`", finite=False)  # NaN fails the range check below
         if not 0.0 <= float(self.palora_dropout) < 1.0:
             raise ValueError(f"`palora_dropout` must be in [0, 1), got {self.palora_dropout}.")
         self._validate_patterns()
@@ -169,7 +166,7 @@ class PaLoRAConfig(PeftConfig):
                 )
         if self.num_tasks is None:
             raise ValueError("Give `num_tasks` (T >= 2) or `task_names`.")
-        _check_int("num_tasks", self.num_tasks, minimum=2)
+        check_int(self.num_tasks, "`num_tasks`", minimum=2)
 
     def _validate_patterns(self) -> None:
         for name in ("rank_pattern", "alpha_pattern"):
@@ -181,9 +178,11 @@ class PaLoRAConfig(PeftConfig):
                 raise TypeError(f"`{name}` must be a dict keyed by layer names or regexes, got {pattern!r}.")
             for key, value in pattern.items():
                 if name == "rank_pattern":
-                    _check_int(f"rank_pattern[{key!r}]", value, minimum=1)
-                elif isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                    raise TypeError(f"`alpha_pattern[{key!r}]` must be a finite number, got {value!r}.")
+                    check_int(value, f"`rank_pattern[{key!r}]`", minimum=1)
+                    continue
+                name_of_entry = f"`alpha_pattern[{key!r}]`"
+                if not math.isfinite(check_real(value, name_of_entry, finite=False, expected="a finite number")):
+                    raise TypeError(f"{name_of_entry} must be a finite number, got {value!r}.")  # TypeError, as before
 
     def rank_and_alpha_for(self, layer_name: str) -> tuple[int, float]:
         """The rank and `palora_alpha` of the layer called `layer_name` (its full module path), after the patterns.
@@ -214,10 +213,3 @@ class PaLoRAConfig(PeftConfig):
     def scaling(self) -> float:
         """The factor `palora_alpha / r` applied to every task adapter without a pattern entry."""
         return float(self.palora_alpha) / self.r
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")

@@ -8,11 +8,16 @@ At a fixed preference ``lambda`` a PaLoRA layer is an ordinary low-rank update, 
 scaling ``s = palora_alpha / r`` folded into ``B`` and ``lora_alpha`` set to each layer's rank, so that LoRA's own
 scaling is 1. Tasks with ``lambda_t = 0`` are dropped, so a layer's rank is ``r`` times the number of non-zero
 entries. The bundle loads with plain ``PeftModel.from_pretrained`` in a process that never imports ``peft_palora``.
+
+:func:`export_task_loras` writes the T task adapters themselves, one LoRA bundle per task (``s B_t`` and ``A_t``,
+which is :func:`export_lora` at the task's one-hot preference), and ``palora_tasks.json`` with the rule that mixes
+them into any trade-off in plain PEFT (``add_weighted_adapter(tasks, weights=lambda, combination_type="cat")``).
 Only safetensors files are written.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -26,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peft_palora.tuner.bundle import check_output_apart_from_input, loaded_bundle_dir
 from peft_palora.tuner.config import PaLoRAConfig
 from peft_palora.tuner.layer import ConvNd, Embedding, PaLoRALayer
 from peft_palora.tuner.preference import validate_preference
@@ -134,6 +140,12 @@ def export_lora(
     ``target_modules`` lists the exact adapted modules; ``modules_to_save`` and trained biases are carried over under
     the key names LoRA uses.
 
+    PEFT's own ``peft.save_as_lora(path, model, rank)`` also converts a PaLoRA model at the preference in force (its
+    conversion protocol, see ``PaLoRALayer.supports_lora_conversion``), but through a truncated SVD of every layer's
+    delta, for linear layers only. This writer stays because it is exact (the factors themselves, no SVD, no rank to
+    choose), takes any preference without setting it, and also writes embedding and convolution adapters,
+    ``modules_to_save`` and trained biases.
+
     A warning (one per call) says when the bundle will not load on typical LoRA servers such as vLLM: non-linear
     targets (embeddings, convolutions), a rank above vLLM's default ``--max-lora-rank`` of 16, per-layer ranks,
     ``modules_to_save`` or biases.
@@ -156,6 +168,151 @@ def export_lora(
             a LoRA bundle cannot carry), or a layer standard LoRA cannot represent (grouped, dilated or non-zero-padded
             convolutions, the paper's conv layout).
     """
+    tuner, adapter_name, config, save_directory = _export_setup(model, save_directory, adapter_name, "export_lora")
+    if preference is None:
+        preference = tuner.get_preference(adapter_name)
+    lam = validate_preference(preference, num_tasks=config.num_tasks, task_names=config.task_names, name="preference")
+    if lam.dim() != 1:
+        raise ValueError(
+            f"`preference` must be ONE preference of shape ({config.num_tasks},) for the exported LoRA, got a "
+            f"per-sample preference of shape {tuple(lam.shape)}."
+        )
+    layers = _adapted_layers(tuner, adapter_name, config)
+    tensors, ranks, kinds = _lora_factors(layers, adapter_name, lam.detach().to("cpu", torch.float64))
+    extras = _carried_state(tuner, adapter_name, config)
+    tensors.update(extras)
+    lora_config, rank_pattern = _lora_config(tuner, config, ranks, kinds)
+    _warn_if_not_servable(ranks, kinds, rank_pattern, config, extras)
+
+    with atomic_directory(save_directory) as staging:
+        _write_lora(staging, lora_config, tensors)
+    return save_directory
+
+
+TASK_LORAS_INDEX = "palora_tasks.json"
+
+
+def export_task_loras(model: Any, save_directory: str | os.PathLike, adapter_name: str | None = None) -> str:
+    """Write each task adapter as a standard PEFT LoRA bundle, plus the rule that mixes them into any trade-off.
+
+    ``save_directory/<task_name>/`` holds task ``t``'s LoRA: ``A = A_t`` and ``B = s B_t`` (``s`` the layer's
+    ``palora_alpha / r``, folded in; ``lora_alpha`` equals the rank, so LoRA's own scaling is 1). It is
+    :func:`export_lora` at the one-hot preference of task ``t``, so each bundle alone is the model at that vertex.
+    ``save_directory/palora_tasks.json`` (:data:`TASK_LORAS_INDEX`) lists the task order and the rule
+
+        W(lambda) = W + sum_t lambda_t * (B_t' @ A_t')      (B_t', A_t' the factors in folder <task_t>)
+
+    which plain PEFT computes, with no approximation, as
+    ``add_weighted_adapter(tasks, weights=lambda, adapter_name="mix", combination_type="cat")``: PEFT's ``cat``
+    stacks the adapters' factors and multiplies each ``A`` by ``weight * scaling`` (here ``lambda_t * 1``), and the
+    mixed adapter's scaling is 1, so the weights are the preference itself (no square root, no renormalisation).
+    The mixed adapter has rank ``T * r``. Task folders are named after ``task_names`` (``task_0``, ... when the
+    config has none); those names are also the adapter names in the recipe.
+
+    Only frozen-base models can be split this way, and only when nothing outside the low-rank adapters was trained:
+    PEFT refuses to mix adapters that carry ``modules_to_save`` or trained biases.
+
+    Args:
+        model: a PaLoRA `PeftModel`, its `PaLoRAModel`, or a `MultiTaskModel` (its backbone).
+        save_directory: the folder to write (the task folders and the index); replaced atomically as a whole.
+        adapter_name: the PaLoRA adapter to export; the active one when None.
+
+    Returns:
+        The path of ``save_directory``.
+
+    Raises:
+        TypeError: `model` is not a PaLoRA model.
+        ValueError: ``train_base_weights=True``, ``modules_to_save`` or ``bias`` other than ``"none"``, a task name
+            that cannot be a folder name, or a layer standard LoRA cannot represent (as for :func:`export_lora`).
+    """
+    tuner, adapter_name, config, save_directory = _export_setup(
+        model, save_directory, adapter_name, "export_task_loras"
+    )
+    shared = []
+    if config.modules_to_save:
+        shared.append(f"modules_to_save={sorted(config.modules_to_save)}")
+    if config.bias != "none":
+        shared.append(f"bias={config.bias!r}")
+    if shared:
+        raise ValueError(
+            f"Adapter {adapter_name!r} trains {' and '.join(shared)}, full weights shared by all tasks: task LoRAs are "
+            "mixed with PEFT's add_weighted_adapter, which refuses several adapters that carry modules_to_save (and "
+            "PEFT allows only one adapter with a bias). Export one trade-off with everything in it with "
+            "`model.export_lora(save_directory, preference=...)` instead."
+        )
+    tasks = _task_folder_names(model, config)
+    layers = _adapted_layers(tuner, adapter_name, config)
+    bundles = []
+    for t in range(config.num_tasks):
+        one_hot = torch.zeros(config.num_tasks, dtype=torch.float64)
+        one_hot[t] = 1.0
+        tensors, ranks, kinds = _lora_factors(layers, adapter_name, one_hot)
+        lora_config, rank_pattern = _lora_config(tuner, config, ranks, kinds)
+        bundles.append((tasks[t], lora_config, tensors))
+    # Each task LoRA has the layer's rank r; PEFT's mix stacks them to T * r: that is what a server must accept.
+    mixed_ranks = {path: rank * config.num_tasks for path, rank in ranks.items()}
+    _warn_if_not_servable(mixed_ranks, kinds, rank_pattern, config, {})
+
+    default = tuner.get_preference(adapter_name).detach().to("cpu", torch.float64)
+    index = {
+        "format": "palora_task_loras",
+        "version": 1,
+        "tasks": tasks,
+        "rule": (
+            "W(lambda) = W + sum_t lambda_t * (B_t @ A_t), where (A_t, B_t) are the LoRA factors in folder <tasks[t]> "
+            "(LoRA scaling 1: lora_alpha equals the rank; the PaLoRA scale palora_alpha / r is folded into B_t). "
+            "lambda is on the simplex (non-negative, sums to 1), in the order of `tasks`."
+        ),
+        "peft_recipe": [
+            "from peft import PeftModel",
+            f"model = PeftModel.from_pretrained(base_model, '<dir>/{tasks[0]}', adapter_name='{tasks[0]}')",
+            *(f"model.load_adapter('<dir>/{task}', adapter_name='{task}')" for task in tasks[1:]),
+            f"model.add_weighted_adapter({tasks!r}, weights=lambda_, adapter_name='mix', combination_type='cat')",
+            "model.set_adapter('mix')",
+            "model.eval()  # PEFT builds the mixed adapter's lora_dropout modules in training mode",
+        ],
+        "weights": (
+            "weights = lambda itself: PEFT's combination_type='cat' multiplies each task's A by weight * scaling "
+            "(scaling 1 here) and stacks the factors, so the mix is exact, of rank T * r."
+        ),
+        "default_preference": default.tolist() if default.dim() == 1 else None,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "revision": config.revision,
+        "palora": {"r": config.r, "palora_alpha": config.palora_alpha, "num_tasks": config.num_tasks},
+    }
+    with atomic_directory(save_directory) as staging:
+        for task, lora_config, tensors in bundles:
+            _write_lora(os.path.join(staging, task), lora_config, tensors)
+        with open(os.path.join(staging, TASK_LORAS_INDEX), "w", encoding="utf-8") as handle:
+            json.dump(index, handle, indent=2)
+            handle.write("\n")
+    return save_directory
+
+
+def trained_base_refusal(model: Any, adapter_name: str, what: str) -> str:
+    """The message for `what` (an export) on an adapter trained with ``train_base_weights=True``: what works instead.
+
+    A ``MultiTaskModel`` (it has ``heads``) merges into a ``MergedMultiTaskModel``, which has no ``save_pretrained``:
+    its backbone and heads are saved separately.
+    """
+    if isinstance(getattr(model, "heads", None), nn.ModuleDict):
+        save = (
+            "`model.set_preference(p); merged = model.merge_and_unload(); merged.backbone.save_pretrained(dir)` "
+            "(a transformers backbone; else `safetensors.torch.save_model(merged.backbone, path)`), and its heads with "
+            "`peft_palora.training.multitask.save_task_heads(merged.heads, dir)`"
+        )
+    else:
+        save = "`model.set_preference(p); model.merge_and_unload().save_pretrained(dir)`"
+    return (
+        f"Adapter {adapter_name!r} was trained with `train_base_weights=True`: the targeted base weights changed, "
+        f"and {what} writes LoRA factors for the ORIGINAL base only. Instead, save the full model at one preference: "
+        f"{save}; or keep every trade-off by saving the PaLoRA bundle itself (`model.save_pretrained(dir)`, which "
+        "holds the trained base layers)."
+    )
+
+
+def _export_setup(model: Any, save_directory: Any, adapter_name: str | None, what: str):
+    """(tuner, adapter name, config, save directory) after the checks every export shares."""
     tuner, _ = _unwrap_palora(model)
     if not isinstance(save_directory, (str, os.PathLike)) or not os.fspath(save_directory):
         raise TypeError(f"`save_directory` must be a non-empty path, got {save_directory!r}.")
@@ -165,30 +322,63 @@ def export_lora(
         raise ValueError("The model has no active PaLoRA adapter; pass `adapter_name`.")
     adapter_name = names[0]
     config: PaLoRAConfig = tuner.peft_config[adapter_name]
+    if loaded_bundle_dir(config) is not None:
+        check_output_apart_from_input(save_directory, loaded_bundle_dir(config), "`save_directory`",
+                                      f"PaLoRA bundle folder adapter {adapter_name!r} was loaded from:")
     if config.train_base_weights:
-        raise ValueError(
-            f"Adapter {adapter_name!r} was trained with `train_base_weights=True`: the targeted base weights changed, "
-            "and a LoRA bundle only holds low-rank factors for the ORIGINAL base. Instead, save the full model at the "
-            "preference (`model.set_preference(p); model.merge_and_unload().save_pretrained(dir)`), or save the "
-            "trained base weights as a new base model and export a LoRA relative to it."
-        )
-    if preference is None:
-        preference = tuner.get_preference(adapter_name)
-    lam = validate_preference(preference, num_tasks=config.num_tasks, task_names=config.task_names, name="preference")
-    if lam.dim() != 1:
-        raise ValueError(
-            f"`preference` must be ONE preference of shape ({config.num_tasks},) for the exported LoRA, got a "
-            f"per-sample preference of shape {tuple(lam.shape)}."
-        )
-    lam = lam.detach().to("cpu", torch.float64)
-    kept = [t for t in range(config.num_tasks) if lam[t] > 0]
+        raise ValueError(trained_base_refusal(model, adapter_name, what))
+    return tuner, adapter_name, config, save_directory
 
+
+def _task_folder_names(model: Any, config: PaLoRAConfig) -> list[str]:
+    """The task names, used as folder and PEFT adapter names: the config's, else a MultiTaskModel's, else task_<t>."""
+    names = config.task_names
+    heads = getattr(model, "heads", None)
+    if names is None and isinstance(heads, nn.ModuleDict) and len(heads) == config.num_tasks:
+        names = list(heads.keys())
+    if names is None:
+        names = [f"task_{t}" for t in range(config.num_tasks)]
+    folded = [name.casefold() for name in names]
+    for name in names:
+        if not name or "." in name or "/" in name or "\\" in name or os.sep in name or not name.isprintable():
+            raise ValueError(
+                f"Task name {name!r} cannot name a folder and a PEFT adapter (it needs to be non-empty and free of "
+                "'.', '/' and '\\'); rename the tasks in the config's `task_names`."
+            )
+        if folded.count(name.casefold()) > 1:
+            raise ValueError(f"Task names {names} differ only in case; their folders would collide on some systems.")
+        if name == TASK_LORAS_INDEX:
+            raise ValueError(f"Task name {name!r} is the index file's name.")
+    return list(names)
+
+
+def _adapted_layers(tuner: Any, adapter_name: str, config: PaLoRAConfig) -> list[tuple[str, PaLoRALayer]]:
+    """The layers carrying `adapter_name`, after checking standard LoRA can represent each of them."""
     layers = [(name, module) for name, module in tuner.model.named_modules()
               if isinstance(module, PaLoRALayer) and adapter_name in module.palora_A]
     if not layers:
         raise ValueError(f"Adapter {adapter_name!r} adapts no layer.")
     conv_layout = getattr(config, "conv_layout", "peft")
+    for path, layer in layers:
+        if isinstance(layer, ConvNd):
+            if conv_layout != "peft":
+                raise ValueError(
+                    f"Layer {path!r} uses conv_layout={conv_layout!r}; only the 'peft' layout has LoRA's conv form."
+                )
+            reason = _conv_refusal(layer.get_base_layer())
+            if reason:
+                raise ValueError(f"Standard PEFT LoRA cannot represent the PaLoRA adapter of {path!r}: {reason}.")
+    return layers
 
+
+def _lora_factors(
+    layers: list[tuple[str, PaLoRALayer]], adapter_name: str, lam: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
+    """LoRA tensors (keys as PEFT saves them), rank and kind per layer for the float64 (T,) preference `lam`.
+
+    Per layer ``A' = [A_t; ...]`` and ``B' = [lambda_t s B_t ...]`` over the tasks with ``lambda_t > 0``.
+    """
+    kept = [t for t in range(lam.shape[0]) if lam[t] > 0]
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     kinds: dict[str, str] = {}
@@ -196,14 +386,6 @@ def export_lora(
         r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
         a, b = layer.palora_A[adapter_name].detach(), layer.palora_B[adapter_name].detach()
         base = layer.get_base_layer()
-        if isinstance(layer, ConvNd):
-            if conv_layout != "peft":
-                raise ValueError(
-                    f"Layer {path!r} uses conv_layout={conv_layout!r}; only the 'peft' layout has LoRA's conv form."
-                )
-            reason = _conv_refusal(base)
-            if reason:
-                raise ValueError(f"Standard PEFT LoRA cannot represent the PaLoRA adapter of {path!r}: {reason}.")
         rows = torch.cat([torch.arange(t * r, (t + 1) * r) for t in kept])
         scale = torch.cat([torch.full((r,), float(lam[t]) * scaling, dtype=torch.float64) for t in kept])
         a_out = a.index_select(0, rows.to(a.device)).to("cpu").clone().contiguous()
@@ -221,14 +403,15 @@ def export_lora(
             tensors[f"{_PREFIX}{path}.lora_A.weight"] = a_out
             tensors[f"{_PREFIX}{path}.lora_B.weight"] = b_out
         ranks[path] = a_out.shape[0]
+    return tensors, ranks, kinds
 
-    extras = _carried_state(tuner, adapter_name, config)
-    tensors.update(extras)
+
+def _lora_config(tuner: Any, config: PaLoRAConfig, ranks: dict[str, int], kinds: dict[str, str]):
+    """(LoraConfig, rank_pattern) for the layers' ranks, with LoRA's scaling 1 on every layer."""
+    from peft import LoraConfig
 
     r_common = _most_common(list(ranks.values()))
     rank_pattern = {_anchored(path): rank for path, rank in ranks.items() if rank != r_common}
-    from peft import LoraConfig
-
     lora_config = LoraConfig(
         r=r_common,
         lora_alpha=r_common,
@@ -244,12 +427,13 @@ def export_lora(
         revision=config.revision,
         inference_mode=True,
     )
-    _warn_if_not_servable(ranks, kinds, rank_pattern, config, extras)
+    return lora_config, rank_pattern
 
-    with atomic_directory(save_directory) as staging:
-        lora_config.save_pretrained(staging)
-        save_file(tensors, os.path.join(staging, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-    return save_directory
+
+def _write_lora(directory: str, lora_config: Any, tensors: dict[str, torch.Tensor]) -> None:
+    os.makedirs(directory, exist_ok=True)
+    lora_config.save_pretrained(directory)
+    save_file(tensors, os.path.join(directory, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def _carried_state(tuner: Any, adapter_name: str, config: PaLoRAConfig) -> dict[str, torch.Tensor]:

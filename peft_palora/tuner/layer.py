@@ -68,7 +68,7 @@ class PaLoRALayer(BaseTunerLayer):
 
     adapter_layer_names: tuple[str, ...] = ("palora_A", "palora_B")
     other_param_names: tuple[str, ...] = (
-        "r", "scaling", "palora_dropout", "num_tasks", "preference_states", "merged_preferences"
+        "r", "scaling", "palora_dropout", "num_tasks", "preference_states", "merged_preferences", "trains_base_weights"
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -82,6 +82,9 @@ class PaLoRALayer(BaseTunerLayer):
         self.preference_states: dict[str, PreferenceState] = {}
         # The (T,) preference each merged adapter was merged at: unmerge subtracts exactly that delta (no weight copy).
         self.merged_preferences: dict[str, torch.Tensor] = {}
+        # Adapters whose config trains this layer's base weight (`train_base_weights=True`; set by the tuner): their
+        # delta is relative to a changed base, so PEFT's LoRA conversion of the delta alone is refused.
+        self.trains_base_weights: dict[str, bool] = {}
         # Which dimension of this layer's input holds the samples: 0, or 1 inside a `batch_first=False` module.
         self.batch_dim = 0
         self._disable_adapters = False
@@ -176,8 +179,8 @@ class PaLoRALayer(BaseTunerLayer):
                 continue
             preference = self._preference(name)
             merged_at = self.merged_preferences[name].to(preference)
-            if preference.dim() == 1 and torch.equal(preference, merged_at):
-                continue
+            if preference.dim() == 1 and not preference.requires_grad and torch.equal(preference, merged_at):
+                continue  # (a preference that requires grad keeps its zero-valued term: its gradient is not zero)
             snapshot = _per_call.current()
             expansion = snapshot.expansion if snapshot is not None else 1
             scales[name] = self._scale_at(name, preference - merged_at, b, expansion)
@@ -221,6 +224,28 @@ class PaLoRALayer(BaseTunerLayer):
     def _scaled_b(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``B`` with its T*r columns scaled by a shared ``scale`` (the one place ``B`` meets the preference)."""
         return (b.flatten(1) * scale).view_as(b)
+
+    # ---- PEFT's LoRA conversion ---------------------------------------------------------------------------------
+    def lora_conversion_refusal(self, adapter_name: str = "default") -> str | None:
+        """Why PEFT's ``convert_to_lora``/``save_as_lora`` cannot convert this layer's adapter, or None when it can.
+
+        PEFT converts a layer by a truncated SVD of ``get_delta_weight(adapter_name)`` (here at the preference in
+        force), read as a 2-D ``(out, in)`` matrix and written as ``lora_A.weight``/``lora_B.weight``. That is right
+        for the additive linear layers (``nn.Linear``, transformers' ``Conv1D``, bitsandbytes' linears).
+        """
+        if adapter_name not in self.palora_A:
+            return f"it has no PaLoRA adapter {adapter_name!r}"
+        if getattr(self, "trains_base_weights", {}).get(adapter_name, False):
+            return (
+                "its adapter was trained with train_base_weights=True: the base weight changed, and a LoRA of the "
+                "delta alone would be applied to the original base"
+            )
+        return None
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's conversion protocol: True when ``peft.convert_to_lora`` can convert this layer (see
+        :meth:`lora_conversion_refusal` for the reason when not)."""
+        return self.lora_conversion_refusal(adapter_name) is None
 
     # ---- merging ------------------------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -281,6 +306,10 @@ class PaLoRALayer(BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        recorded = _per_call.checkpoint_preferences(self.training)  # a checkpoint re-run: its forward's preference
+        if recorded is not None:
+            with _per_call.call_preferences(recorded):
+                return self._forward(x, self._forward_scales(), *args, **kwargs)
         return self._forward(x, self._forward_scales(), *args, **kwargs)
 
     def _forward(self, x: torch.Tensor, scales: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -297,6 +326,12 @@ class PaLoRALayer(BaseTunerLayer):
         """Shape a (rows, C) per-sample scale to broadcast over ``hidden``: samples at ``batch_dim``, channels at
         ``channel_dim``. The rows must be exactly the samples: nothing is repeated or guessed."""
         rows = hidden.shape[self.batch_dim] if hidden.dim() > max(self.batch_dim, 1) else None
+        snapshot = _per_call.current()
+        expansion = snapshot.expansion if snapshot is not None else 1
+        if rows is not None and expansion > 1 and rows * expansion == scale.shape[0]:
+            # `generate` expands each sample into `expansion` rows for the decoder only: an encoder (T5, BART) runs
+            # once per sample, and its rows take each sample's first (identical) expanded row.
+            scale = scale[::expansion]
         if rows != scale.shape[0]:
             raise ValueError(
                 f"A per-sample preference has {scale.shape[0]} rows but this {type(self.get_base_layer()).__name__} "
@@ -411,6 +446,13 @@ class Embedding(_PaLoRAModule):
         out.T.addmm_(self._scaled_b(b, scale), a, alpha=alpha)  # the table is (num_embeddings, dim): delta transposed
         return out
 
+    def lora_conversion_refusal(self, adapter_name="default"):
+        return super().lora_conversion_refusal(adapter_name) or (
+            "PEFT's convert_to_lora writes lora_A/lora_B.weight from a 2-D SVD, which a LoRA Embedding does not read "
+            "(it holds lora_embedding_A/B): the embedding adapter would not load (PEFT only warns of missing keys). Use "
+            "`model.export_lora(dir)` (exact, writes embedding LoRAs)"
+        )
+
     def _adapter_output(self, adapter_name, x, scale):
         base = self.get_base_layer()
         hidden = F.embedding(x, self.palora_A[adapter_name].T, padding_idx=base.padding_idx, max_norm=base.max_norm,
@@ -449,6 +491,13 @@ class ConvNd(_PaLoRAModule):
             return out.add_(torch.bmm(b_scaled, a_grouped).reshape(out.shape), alpha=alpha)
         out.view(g, self.out_features // g, -1).baddbmm_(b_scaled, a_grouped, alpha=alpha)  # per group B_g @ A_g
         return out
+
+    def lora_conversion_refusal(self, adapter_name="default"):
+        return super().lora_conversion_refusal(adapter_name) or (
+            f"PEFT's convert_to_lora takes the SVD of a 2-D delta, and this {type(self.get_base_layer()).__name__}'s "
+            f"delta is a {self.get_base_layer().weight.dim()}-D kernel (LoRA's conv form is a k x k conv then 1x1). Use "
+            "`model.export_lora(dir)` (exact for conv_layout='peft' with groups=1, no dilation, zero padding)"
+        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if x.dim() == self._spatial_dims + 1:  # an unbatched input, which nn.Conv accepts: run it as a batch of one

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Union
 
 import numpy as np
@@ -14,7 +14,7 @@ from torch import nn
 
 from peft_palora.tuner import state as _per_call
 from peft_palora.tuner.bnb import check_base_weights_trainable, check_merge_allowed, dispatch_bnb
-from peft_palora.tuner.bundle import mismatched_sizes_ignored
+from peft_palora.tuner.bundle import check_adapter_tensors, mismatched_sizes_ignored, raise_pending_meaning_problem
 from peft_palora.tuner.config import PaLoRAConfig
 from peft_palora.tuner.layer import PaLoRALayer, PreferenceState, dispatch_default, dispatch_layer_type_supported
 from peft_palora.tuner.preference import validate_preference
@@ -63,6 +63,7 @@ class PaLoRAModel(BaseTuner):
         # Set before BaseTuner.__init__, which injects the first adapter (and so needs both).
         self._preference_states: dict[str, PreferenceState] = {}  # the default preference of each adapter
         self._replaced_during_injection: list[tuple[nn.Module, str, nn.Module]] = []
+        self._merge_lock = _per_call.MergeLock()  # calls read merged weights; merges rewrite them in place
         super().__init__(model, peft_config, adapter_name, **kwargs)
 
     # ---- injection ----------------------------------------------------------------------------------------------
@@ -119,6 +120,7 @@ class PaLoRAModel(BaseTuner):
         self._replaced_during_injection = []
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+            self._record_base_weight_training(adapter_name)
         except BaseException as error:
             # A refused injection must not leave the user's model half-adapted: put back every replaced layer.
             for parent, target_name, original in reversed(self._replaced_during_injection):
@@ -190,12 +192,15 @@ class PaLoRAModel(BaseTuner):
         validated = {name: self._validate_for_adapter(preference, name) for name in names}  # all checks first
         for name, value in validated.items():
             self._check_mergeable_if_merged(name, value)
-        for name, value in validated.items():
-            self._preference_states[name].value = value
-            self.peft_config[name].default_preference = value.tolist() if value.dim() == 1 else None
-        for name in validated:
-            for layer in self._merged_layers(name):
-                layer.remerge()
+        merged = any(self._merged_layers(name) for name in validated)
+        # A merged model's weights hold the default: calls running in other threads must not see them half-rewritten.
+        with self._merge_lock.writing() if merged else nullcontext():
+            for name, value in validated.items():
+                self._preference_states[name].value = value
+                self.peft_config[name].default_preference = value.tolist() if value.dim() == 1 else None
+            for name in validated:
+                for layer in self._merged_layers(name):
+                    layer.remerge()
 
     def get_preference(self, adapter_name: str | None = None) -> torch.Tensor:
         """The preference in force (a copy): inside a call or `preference_context`, that one; else the default."""
@@ -207,15 +212,17 @@ class PaLoRAModel(BaseTuner):
             return snapshot.values[names[0]].detach().clone()
         return self._preference_states[names[0]].value.clone()
 
-    @contextmanager
-    def preference_context(self, preference: PreferenceLike, adapter_name: str | None = None) -> Iterator[None]:
-        """Run a block at `preference`, in this thread only: the default and other threads are not affected."""
+    def preference_context(
+        self, preference: PreferenceLike, adapter_name: str | None = None
+    ) -> _per_call.ScopedPreferences:
+        """Run a block at `preference`: the calls made while the block's code runs use it (also in functions it
+        calls); the default, other threads, and the caller of a generator paused inside the block are not affected.
+        """
         names = self._target_adapters(adapter_name)
         enclosing = _per_call.current()
         values = dict(enclosing.values) if enclosing is not None else {}
         values.update({name: self._validate_for_adapter(preference, name) for name in names})
-        with _per_call.call_preferences(_per_call.CallPreferences(values)):
-            yield
+        return _per_call.ScopedPreferences(_per_call.CallPreferences(values))
 
     def _merged_layers(self, adapter_name: str) -> list[PaLoRALayer]:
         return [layer for _, layer in self._palora_layers(adapter_name) if adapter_name in layer.merged_adapters]
@@ -262,7 +269,7 @@ class PaLoRAModel(BaseTuner):
         expansion = _generation_expansion(self.model, kwargs) if _per_call.generating() else 1
         if self.training:
             _per_call.preserve_in_checkpointing(self.model)
-        with _per_call.call_preferences(_per_call.CallPreferences(values, expansion)):
+        with self._merge_lock.reading(), _per_call.call_preferences(_per_call.CallPreferences(values, expansion)):
             yield
 
     # ---- merging ------------------------------------------------------------------------------------------------
@@ -286,7 +293,13 @@ class PaLoRAModel(BaseTuner):
         adapters at the difference, without touching the weights.
         """
         self._check_merge_allowed()
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        with self._merge_lock.writing():
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract the merged adapters from the base weights again (waits for running calls to finish)."""
+        with self._merge_lock.writing():
+            super().unmerge_adapter()
 
     def export_lora(
         self, save_directory: str, preference: PreferenceLike | None = None, adapter_name: str | None = None
@@ -298,6 +311,41 @@ class PaLoRAModel(BaseTuner):
         from peft_palora.tuner.conversion import export_lora
 
         return export_lora(self, save_directory, preference=preference, adapter_name=adapter_name)
+
+    def export_task_loras(self, save_directory: str, adapter_name: str | None = None) -> str:
+        """Write each task adapter as a standard PEFT LoRA bundle (`save_directory/<task_name>/`) and
+        `save_directory/palora_tasks.json`, the task order and the rule that mixes them: the model at `lambda` is
+        `add_weighted_adapter(tasks, weights=lambda, combination_type="cat")` of those LoRAs in plain PEFT.
+
+        See [`peft_palora.tuner.conversion.export_task_loras`].
+        """
+        from peft_palora.tuner.conversion import export_task_loras
+
+        return export_task_loras(self, save_directory, adapter_name=adapter_name)
+
+    # ---- PEFT's LoRA conversion (peft.convert_to_lora / peft.save_as_lora) --------------------------------------
+    def _record_base_weight_training(self, adapter_name: str) -> None:
+        """Tell each layer whether `adapter_name` trains its base weight (its LoRA conversion depends on it)."""
+        config = self.peft_config.get(adapter_name)
+        trains = bool(getattr(config, "train_base_weights", False))
+        for _, layer in self._palora_layers(adapter_name):
+            layer.trains_base_weights[adapter_name] = trains
+
+    def lora_conversion_refusals(self, adapter_name: str = "default") -> dict[str, str]:
+        """`{layer path: reason}` for every PaLoRA layer that `peft.convert_to_lora` cannot convert (PEFT itself
+        only names the layer types). Empty when the whole adapter converts, at the preference in force."""
+        return {
+            name: reason
+            for name, layer in self._palora_layers(adapter_name)
+            if (reason := layer.lora_conversion_refusal(adapter_name)) is not None
+        }
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's conversion protocol: whether every PaLoRA layer of `adapter_name` converts (see
+        `lora_conversion_refusals` for the reasons when not)."""
+        if not any(True for _ in self._palora_layers(adapter_name)):
+            return False
+        return not self.lora_conversion_refusals(adapter_name)
 
     # ---- saving and loading -------------------------------------------------------------------------------------
     @classmethod
@@ -317,7 +365,9 @@ class PaLoRAModel(BaseTuner):
         # Bundles saved before that was fixed hold `<module>.modules_to_save.bias`, a duplicate of `<module>.bias`.
         state_dict = {key: value for key, value in state_dict.items() if not key.endswith(".modules_to_save.bias")}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_tensors(remapped, f"The PaLoRA bundle for adapter '{adapter_name}'")
         _check_bundle_matches_model(model, config, adapter_name, remapped)
+        raise_pending_meaning_problem()  # the shapes fit: now whether the config reads them as they were saved
         return remapped
 
 

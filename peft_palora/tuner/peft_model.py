@@ -11,7 +11,7 @@ The subclass adds, for PaLoRA bundles only:
   the first save writes PaLoRA's model card (tasks, preferences, usage) instead of PEFT's blank template;
 * `load_adapter` (which `PeftModel.from_pretrained` calls): bundle files checked before PEFT reads them, clear
   errors naming the file and the tensors, and a refused load leaves the base model as it was;
-* `push_to_hub`: PaLoRA's card, published in one commit (`hub.push_palora_to_hub`);
+* `push_to_hub`: PaLoRA's card, published in one commit (`push.push_palora_to_hub`);
 * `generate`: marks the call, so a per-sample preference covers the beams and returned sequences of its sample.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from huggingface_hub import ModelCard
 from peft import (
     PeftModel,
     PeftModelForCausalLM,
@@ -29,16 +30,23 @@ from peft import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 
 from peft_palora.tuner import state as _per_call
 from peft_palora.tuner.bundle import (
+    bundle_meaning_problem,
+    bundle_metadata,
+    check_existing_adapter_matches,
     check_local_bundle,
     check_modules_to_save_present,
     ignoring_mismatched_sizes,
     local_bundle_dir,
+    pending_meaning_problem,
     restore_base_model,
 )
+from peft_palora.tuner.card import hub_id_or_folder_name, write_model_card
+from peft_palora.tuner.push import push_palora_to_hub
 from peft_palora.utils.atomic import atomic_directory, carry_into_staging
 
 _README = "README.md"
@@ -58,18 +66,46 @@ class PaLoRAPeftModelMixin:
             return None
         with atomic_directory(os.fspath(save_directory)) as staging:
             carry_into_staging(os.fspath(save_directory), staging, _README)  # PEFT updates an existing card in place
-            return super().save_pretrained(staging, *args, **kwargs)
+            result = super().save_pretrained(staging, *args, **kwargs)
+            self._record_bundle_meaning(staging)
+            return result
+
+    def _record_bundle_meaning(self, directory: str) -> None:
+        """Write T, r, the task names and the conv layout of each saved PaLoRA adapter into its safetensors header,
+        so that a load can check them against the config (`bundle.check_bundle_metadata`)."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        for adapter_name, config in self.peft_config.items():
+            if getattr(config, "peft_type", None) != "PALORA":
+                continue
+            folder = directory if adapter_name == "default" else os.path.join(directory, adapter_name)
+            path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+            if not os.path.isfile(path):
+                continue  # not among the selected adapters
+            with safe_open(path, framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata.update(bundle_metadata(config))
+            save_file(tensors, path, metadata=metadata)
 
     def create_or_update_model_card(self, output_dir: str) -> None:
-        """PaLoRA's own card for a new bundle; an existing card (perhaps edited by its owner) is updated as PEFT does."""
-        if not os.path.isfile(os.path.join(output_dir, _README)):
-            from peft_palora.interop import hub
-
-            writer = getattr(hub, "write_model_card", None)
-            if writer is not None:
-                writer(self, output_dir)
-                return
+        """PaLoRA's own card for a new bundle; an existing card (perhaps edited by its owner) is updated as PEFT does,
+        keeping its tags (PEFT replaces them) and naming no base model known only by a local path or by nothing."""
+        path = os.path.join(output_dir, _README)
+        if not os.path.isfile(path):
+            write_model_card(self, output_dir)
+            return
+        tags_before = ModelCard.load(path, ignore_metadata_errors=True).data.tags or []
         super().create_or_update_model_card(output_dir)
+        card = ModelCard.load(path)
+        if card.data.get("base_model") is not None and hub_id_or_folder_name(card.data.base_model)[0] is None:
+            card.data.base_model = None  # PEFT writes the base's `_name_or_path`: '' or a path of this machine
+        card.data.tags = [  # PEFT's `base_model:adapter:<_name_or_path>` tag likewise
+            tag for tag in dict.fromkeys([*tags_before, *(card.data.tags or [])])
+            if not tag.startswith("base_model:") or hub_id_or_folder_name(tag.split(":", 2)[-1])[0] is not None
+        ]
+        card.save(path)
 
     def load_adapter(self, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
         directory = local_bundle_dir(model_id, kwargs.get("subfolder"))
@@ -79,9 +115,15 @@ class PaLoRAPeftModelMixin:
         existed = config is not None
         try:
             bundle_config = check_local_bundle(directory) if directory is not None else None
+            meaning_problem = None
             if bundle_config is not None:
+                meaning_problem = bundle_meaning_problem(os.path.join(directory, SAFETENSORS_WEIGHTS_NAME),
+                                                         bundle_config)
+                if existed and not fresh:  # PEFT would load the tensors into the existing adapter, under its config
+                    check_existing_adapter_matches(config, bundle_config, directory, adapter_name)
                 check_modules_to_save_present(self, directory, bundle_config)
-            with ignoring_mismatched_sizes(bool(kwargs.get("ignore_mismatched_sizes", False))):
+            with ignoring_mismatched_sizes(bool(kwargs.get("ignore_mismatched_sizes", False))), \
+                    pending_meaning_problem(meaning_problem):
                 result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
         except BaseException:
             if fresh:
@@ -91,17 +133,20 @@ class PaLoRAPeftModelMixin:
             raise
         if adapter_name in self.peft_config:
             self.peft_config[adapter_name]._palora_weights_pending = False
+            # Where its tensors came from, so that `export_lora` refuses to write over that bundle.
+            self.peft_config[adapter_name]._palora_loaded_from = (
+                os.path.realpath(directory) if directory is not None else None
+            )
         return result
 
     def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
-        """Publish the bundle with PaLoRA's model card in one commit (see `peft_palora.interop.hub.push_palora_to_hub`).
+        """Publish the bundle with PaLoRA's model card in one commit (`peft_palora.tuner.push.push_palora_to_hub`).
 
-        Accepts the arguments of transformers' `push_to_hub` (`commit_message`, `commit_description`, `private`,
-        `token`, `revision`, `create_pr`, `tags`; `max_shard_size` is accepted and ignored, adapters are never
-        sharded) plus those of `push_palora_to_hub` (`front_table`, `hypervolume`, `plot_path`, ...).
+        transformers' own `push_to_hub` would replace the card with a generic `library_name: transformers` one.
+        Accepts transformers' arguments (`commit_message`, `commit_description`, `private`, `token`, `revision`,
+        `create_pr`, `tags`; `max_shard_size` is ignored, adapters are never sharded) and the card's (`front_table`,
+        `hypervolume`, `hypervolume_reference`, `plot_path`, `base_model`, `pipeline_tag`, `license`).
         """
-        from peft_palora.interop.hub import push_palora_to_hub
-
         if args:
             raise TypeError("push_to_hub() takes `repo_id` as its only positional argument on PaLoRA models.")
         kwargs.pop("max_shard_size", None)

@@ -12,19 +12,30 @@ value ``set_preference`` last stored, read once). That snapshot lives in a :clas
 
 Gradient checkpointing re-runs layers during backward, after the call has returned. transformers' checkpointed layers
 call their module's ``_gradient_checkpointing_func``; :func:`preserve_in_checkpointing` wraps that function so the
-re-run sees the snapshot of the forward it re-runs.
+re-run sees the snapshot of the forward it re-runs. A user's own ``torch.utils.checkpoint.checkpoint`` (reentrant or
+not) is handled by the layers themselves (:func:`checkpoint_preferences`).
+
+``preference_context`` blocks are scoped to the frames that run inside them (:class:`ScopedPreferences`), so a
+generator paused inside one does not leak it. Merged weights are rewritten under :class:`MergeLock`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
+import inspect
+import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
+
+from peft_palora.utils.context import contextvar_scope
 
 
 class CallPreferences:
@@ -69,18 +80,118 @@ _CURRENT: contextvars.ContextVar[CallPreferences | None] = contextvars.ContextVa
 
 
 def current() -> CallPreferences | None:
-    """The snapshot of the call running in this context, or None outside a PaLoRA model call."""
-    return _CURRENT.get()
+    """The preferences in force here: the running model call's snapshot, else the innermost
+    :class:`ScopedPreferences` block on this call stack, else None (the defaults apply)."""
+    snapshot = _CURRENT.get()
+    if snapshot is not None or not _SCOPES:
+        return snapshot
+    return _scoped()
 
 
 @contextmanager
 def call_preferences(snapshot: CallPreferences | None) -> Iterator[None]:
     """Make ``snapshot`` the preferences of the layers run inside the block (in this thread/context only)."""
-    token = _CURRENT.set(snapshot)
-    try:
+    with contextvar_scope(_CURRENT, snapshot):
         yield
-    finally:
+
+
+def _restore(token: contextvars.Token) -> None:
+    """Reset the context variable; a block closed from another context (a generator finalised in another thread)
+    cannot reach the context it was entered in, and must not raise there."""
+    try:
         _CURRENT.reset(token)
+    except ValueError:
+        pass
+
+
+# ---- preference_context: scoped to the frames that run inside the block ---------------------------------------------
+#
+# A `with model.preference_context(p):` block is registered on the frame that runs it, and the preference is found by
+# walking the running call stack. So it holds exactly while that frame is on the stack: a generator paused inside the
+# block (`with ...: yield model(x)`) does not leak its preference into its caller, two interleaved generators each see
+# their own, other threads never see it, and closing the generator from another thread just unregisters the block.
+# (A context variable, set on entry and reset on exit, would stay set in the caller's context while the generator is
+# paused, and resetting it from another thread raises.)
+
+_SCOPES: dict[int, tuple[Any, list[CallPreferences]]] = {}  # id(frame) -> (frame, its open blocks, innermost last)
+_SCOPES_LOCK = threading.Lock()
+
+
+def _scoped() -> CallPreferences | None:
+    frame = sys._getframe(1)
+    while frame is not None:
+        entry = _SCOPES.get(id(frame))
+        if entry is not None and entry[0] is frame and entry[1]:
+            return entry[1][-1]
+        frame = frame.f_back
+    return None
+
+
+_CONTEXTLIB_FILE = contextlib.__file__
+_GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+
+
+def _block_frame(frame: Any) -> Any:
+    """The frame whose code runs inside the block entered from ``frame``: ``frame`` itself, unless it is contextlib's
+    (``ExitStack.enter_context``) or a ``@contextmanager`` generator that contextlib drives, whose block is its
+    caller's ``with`` body."""
+    while frame is not None:
+        if frame.f_code.co_filename == _CONTEXTLIB_FILE:
+            frame = frame.f_back
+        elif (frame.f_code.co_flags & _GENERATOR_FLAGS and frame.f_back is not None
+              and frame.f_back.f_code.co_filename == _CONTEXTLIB_FILE):
+            frame = frame.f_back
+        else:
+            return frame
+    return sys._getframe(2)
+
+
+class ScopedPreferences:
+    """The context manager `preference_context` returns (see the comment above for its scope).
+
+    Inside a running model call (e.g. in a module's own `forward`), the block instead overrides that call's snapshot
+    for the code it runs, as a context variable.
+    """
+
+    __slots__ = ("snapshot", "_frame", "_token")
+
+    def __init__(self, snapshot: CallPreferences) -> None:
+        self.snapshot = snapshot
+        self._frame = None
+        self._token = None
+
+    def __enter__(self) -> None:
+        if _CURRENT.get() is not None:  # inside a model call: innermost wins over the call's snapshot
+            self._token = _CURRENT.set(self.snapshot)
+            return None
+        frame = _block_frame(sys._getframe(1))
+        with _SCOPES_LOCK:
+            entry = _SCOPES.get(id(frame))
+            if entry is None or entry[0] is not frame:
+                entry = _SCOPES[id(frame)] = (frame, [])
+            entry[1].append(self.snapshot)
+        self._frame = frame
+        return None
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._token is not None:
+            token, self._token = self._token, None
+            _restore(token)
+            return None
+        frame, self._frame = self._frame, None
+        if frame is None or _SCOPES_LOCK is None:  # (None: a generator finalised at interpreter exit)
+            return None
+        with _SCOPES_LOCK:
+            entry = _SCOPES.get(id(frame))
+            if entry is not None and entry[0] is frame:
+                blocks = entry[1]
+                for i in range(len(blocks) - 1, -1, -1):  # its own block, even when closed out of order
+                    if blocks[i] is self.snapshot:
+                        del blocks[i]
+                        break
+                if not blocks:
+                    del _SCOPES[id(frame)]
+        return None
 
 
 # Keyword arguments whose leading dimension is the batch, in the order a transformers model is most likely to get them.
@@ -111,11 +222,8 @@ def call_batch() -> tuple[int, str, tuple[int, ...]] | None:
 
 @contextmanager
 def recording_batch(args: tuple, kwargs: Mapping[str, Any]) -> Iterator[None]:
-    token = _CALL_BATCH.set(batch_of(args, kwargs))
-    try:
+    with contextvar_scope(_CALL_BATCH, batch_of(args, kwargs)):
         yield
-    finally:
-        _CALL_BATCH.reset(token)
 
 
 _GENERATING: contextvars.ContextVar[bool] = contextvars.ContextVar("palora_generating", default=False)
@@ -129,11 +237,68 @@ def generating() -> bool:
 @contextmanager
 def generation() -> Iterator[None]:
     """Mark the block as a `generate` call."""
-    token = _GENERATING.set(True)
-    try:
+    with contextvar_scope(_GENERATING, True):
         yield
-    finally:
-        _GENERATING.reset(token)
+
+
+# ---- a user's own torch.utils.checkpoint -----------------------------------------------------------------------------
+#
+# `torch.utils.checkpoint.checkpoint(block, x)` re-runs `block` during backward, after the call that ran it returned:
+# the re-run would see no snapshot (the default preference) or another call's. Each checkpointed region is one object
+# of torch's (the non-reentrant `_CheckpointFrame`, the reentrant `CheckpointFunction`'s ctx), found on the Python
+# stack both when the region first runs and when backward re-runs it; the first PaLoRA layer that runs in the region
+# stores the snapshot on it, and the re-run uses that snapshot.
+
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
+_RECORD_ATTRIBUTE = "_palora_preferences"
+
+
+def _checkpoint_region(frame: Any) -> Any:
+    """The innermost checkpointed region the code at ``frame`` runs in (forward or recomputation), or None."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename == _CHECKPOINT_FILE:
+            name = code.co_name
+            if name in ("forward", "backward", "unpack_hook", "checkpoint"):
+                local = frame.f_locals
+                if name in ("forward", "backward") and local.get("ctx") is not None:
+                    return local["ctx"]  # use_reentrant=True: CheckpointFunction's ctx
+                if name == "unpack_hook" and local.get("frame") is not None:
+                    return local["frame"]  # non-reentrant recomputation of this _CheckpointFrame
+                generator = local.get("gen") if name == "checkpoint" else None
+                if generator is not None and generator.gi_frame is not None:
+                    return generator.gi_frame.f_locals.get("new_frame")  # non-reentrant forward
+        frame = frame.f_back
+    return None
+
+
+def checkpoint_preferences(training: bool) -> CallPreferences | None:
+    """For a layer's forward: the snapshot its checkpointed region ran under, when this forward re-runs it in
+    backward (None otherwise). On the region's first run, records the snapshot in force on it.
+
+    The stack is only walked where a checkpoint can be: in a backward, under saved-tensor hooks (non-reentrant), or
+    without grad in training mode (the reentrant forward).
+    """
+    if torch._C._current_graph_task_id() != -1:  # running inside a backward: a recomputation?
+        region = _checkpoint_region(sys._getframe(1))
+        saved = getattr(region, _RECORD_ATTRIBUTE, None) if region is not None else None
+        # a fresh cache: the scales of the first run were made without grad (reentrant) and hold no graph
+        return None if saved is None else CallPreferences(saved.values, saved.expansion)
+    if torch.is_grad_enabled():
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            return None
+    elif not training:
+        return None
+    snapshot = current()
+    if snapshot is None:
+        return None
+    region = _checkpoint_region(sys._getframe(1))
+    if region is not None and getattr(region, _RECORD_ATTRIBUTE, None) is None:
+        try:
+            setattr(region, _RECORD_ATTRIBUTE, snapshot)
+        except AttributeError:  # a torch version whose objects take no attributes: nothing to record on
+            pass
+    return None
 
 
 class _PreferencePreservingCheckpoint:
@@ -167,3 +332,59 @@ def preserve_in_checkpointing(model: nn.Module) -> None:
         if getattr(module, "gradient_checkpointing", False) and function is not None:
             if not isinstance(function, _PreferencePreservingCheckpoint):
                 module._gradient_checkpointing_func = _PreferencePreservingCheckpoint(function)
+
+
+class MergeLock:
+    """Readers (model calls) run together; a writer (merge, unmerge, a `set_preference` that re-merges) waits until
+    no call runs and keeps new calls out while it rewrites the merged weights in place.
+
+    Readers never wait for a waiting writer, only for one at work, so a call that makes nested calls cannot deadlock.
+    A writer inside a call of the same thread (e.g. `set_preference` from a forward hook of a merged model) would wait
+    for itself: it raises instead.
+    """
+
+    def __deepcopy__(self, memo: dict) -> MergeLock:  # a copied model gets its own lock (locks cannot be copied)
+        return MergeLock()
+
+    def __reduce__(self):
+        return MergeLock, ()
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writing = False
+        self._local = threading.local()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._condition:
+            while self._writing:
+                self._condition.wait()
+            self._readers += 1
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+            with self._condition:
+                self._readers -= 1
+                if not self._readers:
+                    self._condition.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        if getattr(self._local, "depth", 0):
+            raise RuntimeError(
+                "Cannot re-merge the adapters (merge, unmerge, or set_preference on a merged model) from inside a call "
+                "of the same model: the call uses the merged weights."
+            )
+        with self._condition:
+            while self._writing or self._readers:
+                self._condition.wait()
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writing = False
+                self._condition.notify_all()

@@ -1,41 +1,54 @@
-"""Crash-safe saving: single files replaced atomically, whole bundle directories swapped in atomically.
+"""Crash-safe saving: single files replaced atomically, whole bundle directories swapped in as a whole.
 
-What is guaranteed if the saving process is killed (SIGKILL, OOM killer) at any instant, or the machine loses power
-(every new file and directory is fsynced before it is made visible, and the directory holding it after):
+What a user relies on, if the saving process is killed (SIGKILL, OOM killer) at any instant:
 
-* :func:`atomic_write_text`, :func:`atomic_save_safetensors`: the destination is the old complete file or the new
-  complete file. The new file is written to a temporary file beside it and renamed over it (``os.replace``, atomic
-  within one file system on POSIX and Windows).
+* :func:`atomic_write_text`, :func:`atomic_save_safetensors`: the destination is the old or the new complete file
+  (a temporary file beside it, then ``os.replace``).
 * :func:`atomic_directory` (``with atomic_directory(target) as staging: <write the bundle into staging>``): the
-  bundle switches as a whole. The new bundle is built in a staging directory *beside* the target (same file
-  system); files of the old target that the new save does not write (the user's own files, ``base_model/``, other
-  adapters' folders, an edited README) are brought in as hard links (copies where links are impossible), unless
-  ``keep_other_files=False``; then the two directories are swapped:
+  bundle switches as a whole, the old one or the new one, never files of two saves side by side. The bundle is built
+  in a staging folder beside the target, the old bundle's other files (the user's own, ``base_model/``, an edited
+  README) are hard-linked into it unless ``keep_other_files=False``, and the two folders are swapped.
+* the next save into a folder removes what killed saves left there.
+* new files and folders get ``0o666`` / ``0o777`` less the umask, whoever wrote them (safetensors >= 0.8 writes
+  ``0o600`` whatever the umask); a re-saved bundle folder keeps the permissions of the one it replaces.
 
-  - **Linux, file systems with ``renameat2(RENAME_EXCHANGE)``** (ext4, xfs, btrfs, tmpfs, f2fs, ...): one system
-    call exchanges the staging directory and the target. At every instant the target path names a complete bundle,
-    the old or the new one, for readers too; nothing needs recovering after a crash.
-  - **elsewhere** (other systems, or a file system refusing ``RENAME_EXCHANGE``): two renames, ``target -> aside``
-    then ``staging -> target``. A crash between them leaves no target and the complete old bundle aside; the next
-    save into the same folder, or :func:`recover_interrupted_save`, renames it back. So after a crash the target is
-    the old or the new bundle once that recovery has run; a reader in the microseconds between the two renames finds
-    no directory.
-  - **a target that cannot be swapped** (a mount point, or a parent directory this process may not write to): files
-    are moved into the target one by one, each atomically, and a warning is logged. A crash can then leave files of
-    two saves side by side; save into a subfolder of the mount point to get the whole-bundle guarantee.
+Each part below is here for a test that fails without it (``tests/test_atomic.py`` unless named otherwise):
 
-  Readers that open the bundle's files one by one may still see two different bundles if a save completes between
-  their two ``open`` calls; open the directory once (``os.open(target, os.O_RDONLY)``) and the files relative to it
-  (``dir_fd=``) to read one bundle.
+* **one-call swap** (``renameat2(RENAME_EXCHANGE)`` through ctypes, Linux): at every instant the target names a
+  complete bundle, for readers too. ``test_concurrent_savers_never_mix_their_bundles`` (a reader finds no folder)
+  and ``test_a_save_killed_at_any_instant...[exchange]`` (a kill between two renames leaves no bundle).
+* **two renames, with recovery** (``target -> aside``, ``staging -> target``; :func:`recover_interrupted_save`, also
+  run by the next save, renames a dead saver's aside back): where the exchange is refused (other systems, file
+  systems without it). ``test_a_save_killed_at_any_instant...[two-renames]``,
+  ``test_two_renames_and_recovery_where_exchange_is_unavailable``,
+  ``test_a_symlinked_bundle_left_aside_by_a_killed_save_is_recovered``.
+* **owner in temporary names** (``.<name>.palora-<kind>-<digest>-<host>-<pid>-<start>-<random>``) and the removal of
+  entries whose owner is certainly dead (same host, no such pid, or our own pid with another start time):
+  ``test_only_debris_of_dead_owners_of_this_host_is_removed``, the kill loops (``temporaries(...) == []``),
+  ``tests/test_killed_runs.py::test_crashes_inside_checkpoint_writes_fall_back_to_the_previous_checkpoint`` (staging
+  folders of killed runs gone). The owner is looked up per pid: the fork-server kill loops save from forked children.
+  ``.tmp-*`` names of earlier versions: ``test_legacy_temporaries_inside_the_bundle_are_dropped``.
+* **carrying the old bundle's other files over**: ``test_files_the_new_save_does_not_write_survive_as_hard_links``,
+  ``test_keep_other_files_false_makes_the_target_exactly_the_new_save``.
+* **file modes set at commit**: ``test_saved_files_and_folders_honour_the_umask``,
+  ``test_a_saved_peft_bundle_follows_the_umask``.
+* **a lock on the parent folder** around the swap: two savers of one folder never interleave their renames
+  (``test_threads_saving_into_one_folder_never_mix_their_bundles`` for the exchange; the two-rename fallback needs it
+  to be safe at all).
+* **saves nested in a save in progress** write straight into its staging folder:
+  ``test_a_save_inside_a_save_in_progress_writes_into_its_staging_directory`` (a bundle saving a sub-bundle).
+* **target checks** (symbolic links followed, files, dangling links, the root refused before anything is written):
+  ``test_bad_targets_are_refused_before_anything_is_written``,
+  ``test_a_symlinked_target_is_saved_where_it_points_and_stays_a_link``.
+* **the working directory follows the swap**: ``test_saving_into_the_working_directory_keeps_it_usable``.
+* **files replaced one by one, with a warning**, where the target cannot be swapped (a mount point, a parent folder
+  this process may not write to): ``test_a_mount_point_is_saved_file_by_file_with_a_warning``,
+  ``test_an_unwritable_parent_is_saved_file_by_file_with_a_warning``.
+* **fsync** of new files and folders before they become visible, and of the folder holding them after: no test
+  (a power cut cannot be staged here); kept because a node that goes down mid-run is the case checkpoints exist for.
 
-Temporary entries carry the owner's host, pid and process start time in their names
-(``.<name>.palora-<kind>-<digest>-<host>-<pid>-<start>-<random>``). Each save removes those of dead processes of
-this host in the folders it writes to (and restores an aside left by an interrupted two-rename swap); entries of
-live processes, and of other hosts sharing the file system, are never touched. On Windows a dead process cannot be
-told from a live one safely, so stale entries are left for the user to delete.
-
-New files and directories get the permissions a plain ``open()`` / ``os.mkdir`` would give them (``0o666`` /
-``0o777`` less the umask); a swapped-in bundle directory keeps the permissions of the directory it replaces.
+Left out: a target on another file system than its parent that :func:`os.path.ismount` does not see (a bind mount
+of the same file system) is refused with a clear ``OSError`` instead of being copied file by file.
 """
 
 from __future__ import annotations
@@ -70,23 +83,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_STEM_CHARS = 80  # keeps every temporary name well under NAME_MAX (255 bytes)
+_STEM_CHARS = 80  # keeps every temporary name under NAME_MAX (255 bytes)
 _DEBRIS = re.compile(
     r"^\..*\.palora-(?P<kind>staging|old|tmp)-(?P<digest>[0-9a-f]{8})-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-"
     r"(?P<start>\d+)-[0-9a-f]{8}(?:\.[A-Za-z0-9]+)?$",
     re.DOTALL,
 )
-# Left by the per-file protocol of earlier versions (``tempfile`` names); never part of a bundle.
 _LEGACY_DEBRIS = re.compile(r"^\.tmp-(?:save-[A-Za-z0-9_]{8}|[A-Za-z0-9_]{8}\.(?:txt|safetensors))$")
 
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, getattr(errno, "EOPNOTSUPP", -1), getattr(errno, "ENOTSUP", -1)}
-_renameat2_function = None
-_renameat2_looked_up = False
-
-# Staging directories of saves in progress in this process: a save into one of them (a bundle saving a sub-bundle
-# into its own staging directory) writes there directly, the enclosing save makes the whole atomic.
+# Staging folders of saves in progress in this process: a save into one of them writes there directly.
 _ACTIVE_STAGING: set[str] = set()
 _ACTIVE_LOCK = threading.Lock()
 
@@ -99,60 +104,40 @@ def _digest(text: str) -> str:
 
 
 _HOST = _digest(socket.gethostname())
+_own_start: dict[int, int] = {}
 
 
-def _process_stat(pid: int) -> tuple[str, int] | None:
-    """``(state, start time in clock ticks since boot)`` of a process from ``/proc``, or None where there is none."""
+def _start_time(pid: int) -> int:
+    """The start time of process ``pid`` (clock ticks since boot, from ``/proc``), or 0 where unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             text = handle.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()  # the command name, in parentheses, may hold spaces
-    try:
-        return fields[0], int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-_own_start: dict[int, int] = {}
+        return int(text[text.rfind(")") + 2 :].split()[19])  # the command name, in parentheses, may hold spaces
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _owner() -> str:
     pid = os.getpid()  # looked up on each call: a forked child is another owner
     if pid not in _own_start:
-        found = _process_stat(pid)
-        _own_start[pid] = found[1] if found else 0
+        _own_start[pid] = _start_time(pid)
     return f"{_HOST}-{pid}-{_own_start[pid]}"
 
 
 def _owner_is_alive(host: str, pid: int, start: int) -> bool:
-    """False only when the owner is certainly gone: same host, and no such process, a zombie, or a reused pid."""
+    """False only when the owner is certainly gone: this host, and no such process or our pid reused."""
     if host != _HOST or os.name != "posix":
         return True  # another machine's pids mean nothing here; on Windows os.kill would terminate the process
     if pid == os.getpid():
-        own_start = int(_owner().rsplit("-", 1)[1])
-        return start == own_start or 0 in (start, own_start)  # else an earlier process that had our pid
+        own_start = _own_start.get(pid) or _start_time(pid)
+        return start == own_start or 0 in (start, own_start)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
-        return True  # EPERM: it exists, under another user
-    found = _process_stat(pid)
-    if found is None:
-        return True
-    state, started = found
-    if state in ("Z", "X"):
-        return False
-    return not (start and started != start)
-
-
-def _parse_debris(name: str):
-    match = _DEBRIS.match(name)
-    if match is None:
-        return None
-    return match["kind"], match["digest"], _owner_is_alive(match["host"], int(match["pid"]), int(match["start"]))
+        pass  # EPERM: it exists, under another user
+    return True
 
 
 def _is_temporary(name: str) -> bool:
@@ -168,35 +153,17 @@ def _new_name(directory: str, stem: str, kind: str, suffix: str = "") -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # File-system primitives
 # ----------------------------------------------------------------------------------------------------------------------
-def _fsync_path(path: str, directory: bool = False) -> None:
+def _fsync(path: str, directory: bool = False) -> None:
     try:
-        fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if directory else os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     except OSError:
         if directory:
-            return  # Windows cannot open directories; their entries are durable once the rename returns
+            return  # Windows cannot open folders; their entries are durable once the rename returns
         raise
     try:
         os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
     finally:
         os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
-    _fsync_path(path)
-
-
-def _fsync_tree(root: str, files: bool = True) -> None:
-    """fsync every regular file (if ``files``) and every directory under ``root``, children before parents."""
-    for directory, _, names in os.walk(root, topdown=False):
-        if files:
-            for name in names:
-                path = os.path.join(directory, name)
-                if stat.S_ISREG(os.lstat(path).st_mode):
-                    _fsync_path(path)
-        _fsync_path(directory, directory=True)
 
 
 def _make_directory(parent: str, stem: str, kind: str) -> str:
@@ -210,24 +177,19 @@ def _make_directory(parent: str, stem: str, kind: str) -> str:
 
 
 def _make_file(directory: str, stem: str, suffix: str) -> str:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
         path = _new_name(directory, stem, "tmp", suffix)
         try:
-            os.close(os.open(path, flags, 0o666))  # the umask applies, as for a plain open()
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for open()
             return path
         except FileExistsError:
             continue
 
 
-def _remove_tree(path: str) -> None:
+def _remove(path: str) -> None:
     try:
         if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-            if os.path.lexists(path):  # a read-only folder in it (a bundle the user made read-only): make it writable
-                for root, _, _ in os.walk(path):
-                    os.chmod(root, stat.S_IMODE(os.lstat(root).st_mode) | stat.S_IRWXU)
-                shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path)
         else:
             os.remove(path)
     except FileNotFoundError:
@@ -236,38 +198,25 @@ def _remove_tree(path: str) -> None:
         logger.debug("could not remove %s", path, exc_info=True)
 
 
-def _remove_quietly(path: str) -> None:
+_renameat2 = None
+if sys.platform.startswith("linux"):
     try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _renameat2():
-    global _renameat2_function, _renameat2_looked_up
-    if not _renameat2_looked_up:
-        _renameat2_looked_up = True
-        if sys.platform.startswith("linux"):
-            try:
-                function = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.2
-            except (AttributeError, OSError):
-                function = None
-            if function is not None:
-                function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-                function.restype = ctypes.c_int
-            _renameat2_function = function
-    return _renameat2_function
+        _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.2
+        _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        _renameat2.restype = ctypes.c_int
+    except (AttributeError, OSError):
+        _renameat2 = None
 
 
 def _rename_exchange(first: str, second: str) -> bool:
     """Swap two existing paths in one atomic step; False where the system or the file system cannot."""
-    function = _renameat2()
-    if function is None:
+    if _renameat2 is None:
         return False
-    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+    at_fdcwd, rename_exchange = -100, 2
+    if _renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
         return True
     code = ctypes.get_errno()
-    if code in _UNSUPPORTED:
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(code, os.strerror(code), first, None, second)
 
@@ -282,7 +231,7 @@ def _locked(directory: str) -> Iterator[None]:
         return
     try:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
+    except OSError:  # a folder we may enter but not read
         yield
         return
     try:
@@ -298,9 +247,9 @@ def _locked(directory: str) -> Iterator[None]:
 def _clean_temporaries(directory: str, stem: str | None = None, target: str | None = None) -> None:
     """Remove the temporary entries of dead owners in ``directory``; put back an interrupted swap's aside.
 
-    ``stem``: only entries made for that name. ``target``: a bundle directory in ``directory`` whose aside (kind
-    ``old``) is renamed back to ``target`` if ``target`` is missing. An aside whose target exists is the old bundle of
-    a finished swap and is removed; one whose target is missing and not ``target`` is left for its own recovery.
+    ``stem``: only entries made for that name. ``target``: a bundle folder in ``directory`` whose aside (kind ``old``)
+    is renamed back if ``target`` is missing. An aside whose bundle is missing otherwise is the only complete copy
+    left: it waits for its own recovery.
     """
     try:
         names = os.listdir(directory)
@@ -308,80 +257,57 @@ def _clean_temporaries(directory: str, stem: str | None = None, target: str | No
         return
     wanted = None if stem is None else _digest(stem)
     target_digest = None if target is None else _digest(os.path.basename(target))
-    present = None
+    present = {_digest(name) for name in names if not _is_temporary(name)}
     for name in names:
-        parsed = _parse_debris(name)
-        if parsed is None:
+        match = _DEBRIS.match(name)
+        if match is None or (wanted is not None and match["digest"] != wanted):
             continue
-        kind, digest, alive = parsed
-        if alive or (wanted is not None and digest != wanted):
+        if _owner_is_alive(match["host"], int(match["pid"]), int(match["start"])):
             continue
         path = os.path.join(directory, name)
-        if kind == "old":
-            if digest == target_digest and not os.path.lexists(target):
+        if match["kind"] == "old":
+            if match["digest"] == target_digest and not os.path.lexists(target):
                 try:
                     os.rename(path, target)
                     logger.warning("restored %s from %s, left by an interrupted save", target, path)
-                    continue
+                    present.add(target_digest)
                 except OSError:
                     logger.warning("could not restore %s from %s", target, path, exc_info=True)
-                    continue
-            if present is None:
-                present = {_digest(other) for other in names if not _is_temporary(other)}
-                present |= {target_digest} if target is not None and os.path.lexists(target) else set()
-            if digest not in present:
-                continue  # its bundle is missing: this is the only complete copy left
-        _remove_tree(path)
+                continue
+            if match["digest"] not in present:
+                continue
+        _remove(path)
 
 
 def recover_interrupted_save(target) -> bool:
-    """Put back a bundle directory that a save killed between its two renames left aside; True if one was.
+    """Put back a bundle folder that a save killed between its two renames left aside; True if one was.
 
-    Only needed where ``RENAME_EXCHANGE`` is unavailable (see the module docstring); the next save into the same
-    folder does the same. A loader may call it before reading ``target``.
+    Only needed where ``RENAME_EXCHANGE`` is unavailable; the next save into the same folder does the same. A loader
+    may call it before reading ``target``.
     """
     path = os.path.realpath(os.fspath(target))  # a link to the bundle dangles while the bundle is aside
-    if os.path.lexists(path):
-        return False
     parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
+    if os.path.lexists(path) or not os.path.isdir(parent):
         return False
     with _locked(parent):
         _clean_temporaries(parent, stem=os.path.basename(path), target=path)
     return os.path.isdir(path)
 
 
-def _replace_in(directory: str, source: str, destination: str) -> None:
-    """``os.replace`` that also crosses file systems (a copy beside the destination, then a rename)."""
-    try:
-        os.replace(source, destination)
-    except OSError as error:
-        if error.errno != errno.EXDEV:
-            raise
-        tmp_path = _make_file(directory, os.path.basename(destination), ".move")
-        try:
-            shutil.copy2(source, tmp_path)
-            _fsync_path(tmp_path)
-            os.replace(tmp_path, destination)
-        except BaseException:
-            _remove_quietly(tmp_path)
-            raise
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Single files
 # ----------------------------------------------------------------------------------------------------------------------
 def _temp_path_beside(path: str, suffix: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path)) or "."
+    directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     return _make_file(directory, os.path.basename(path), suffix)
 
 
 def _finish_file(tmp_path: str, path: str) -> None:
-    _fsync_path(tmp_path)
+    _fsync(tmp_path)
     os.replace(tmp_path, path)
     directory = os.path.dirname(os.path.abspath(path))
-    _fsync_path(directory, directory=True)
+    _fsync(directory, directory=True)
     _clean_temporaries(directory, stem=os.path.basename(path))
 
 
@@ -393,7 +319,7 @@ def atomic_write_text(path: str, text: str) -> None:
             handle.write(text)
         _finish_file(tmp_path, path)
     except BaseException:
-        _remove_quietly(tmp_path)
+        _remove(tmp_path)
         raise
 
 
@@ -407,10 +333,10 @@ def atomic_save_safetensors(
     try:
         mode = stat.S_IMODE(os.stat(tmp_path).st_mode)  # what the kernel gave a new file under the umask
         save_file(tensors, tmp_path, metadata=metadata)
-        os.chmod(tmp_path, mode)  # safetensors writes its files -rw------- whatever the umask
+        os.chmod(tmp_path, mode)  # safetensors >= 0.8 writes its files -rw------- whatever the umask
         _finish_file(tmp_path, path)
     except BaseException:
-        _remove_quietly(tmp_path)
+        _remove(tmp_path)
         raise
 
 
@@ -422,14 +348,12 @@ def _resolve_target(target) -> str:
         target = os.fsdecode(target)
     if not isinstance(target, (str, os.PathLike)):
         raise TypeError(f"save directory must be a path (str or os.PathLike), got {type(target).__name__}.")
-    path = os.fspath(target)
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
+    path = os.fsdecode(os.fspath(target))
     if not path:
         raise ValueError("save directory must not be empty; give a directory such as './my-bundle'.")
     if os.path.islink(path) and not os.path.exists(path) and not recover_interrupted_save(path):
         raise ValueError(f"save directory {path!r} is a symbolic link to {os.readlink(path)!r}, which does not exist.")
-    real = os.path.realpath(path)  # a link to a directory: the bundle is saved where it points, the link stays
+    real = os.path.realpath(path)  # a link to a folder: the bundle is saved where it points, the link stays
     if os.path.exists(real) and not os.path.isdir(real):
         raise ValueError(f"save directory {path!r} is a file, not a directory; give a directory.")
     if os.path.dirname(real) == real:
@@ -439,81 +363,69 @@ def _resolve_target(target) -> str:
 
 def _inside_active_staging(path: str) -> bool:
     with _ACTIVE_LOCK:
-        active = tuple(_ACTIVE_STAGING)
-    return any(path == staging or path.startswith(staging + os.sep) for staging in active)
+        return any(path == staging or path.startswith(staging + os.sep) for staging in _ACTIVE_STAGING)
 
 
-def _set_active(staging: str, active: bool) -> None:
-    with _ACTIVE_LOCK:
-        if active:
-            _ACTIVE_STAGING.add(staging)
-        else:
-            _ACTIVE_STAGING.discard(staging)
+def _prepare_new_files(staging: str, folder_mode: int) -> None:
+    """Give every file the save wrote the mode a plain ``open()`` would have (``folder_mode`` is the staging folder's
+    own mode, ``0o777`` less the umask, so no umask is read), then fsync files and folders, children first."""
+    for directory, _, names in os.walk(staging, topdown=False):
+        for name in names:
+            path = os.path.join(directory, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                os.chmod(path, folder_mode & (0o777 if mode & 0o111 else 0o666))
+                _fsync(path)
+        _fsync(directory, directory=True)
 
 
 def _carry_over(old_root: str, new_root: str) -> None:
     """Bring every entry of ``old_root`` that ``new_root`` lacks into it: hard links (copies where impossible) for
-    files, the same target for symbolic links, new directories filled recursively. Temporary entries are left out."""
+    files, the same target for symbolic links, folders (with their mode) filled recursively. Temporaries, and what is
+    neither a file, a link nor a folder, are left out."""
     pending = [(old_root, new_root)]
     created: list[tuple[str, int]] = []
     while pending:
         old_dir, new_dir = pending.pop()
-        with os.scandir(old_dir) as entries:
-            entries = list(entries)
+        with os.scandir(old_dir) as scan:
+            entries = list(scan)
         for entry in entries:
+            destination = os.path.join(new_dir, entry.name)
             if _is_temporary(entry.name):
                 continue
-            destination = os.path.join(new_dir, entry.name)
-            info = entry.stat(follow_symlinks=False)
-            if stat.S_ISDIR(info.st_mode):
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if stat.S_ISDIR(mode):
                 if not os.path.lexists(destination):
                     os.mkdir(destination, 0o700)  # writable while it is filled; given the old mode below
-                    created.append((destination, stat.S_IMODE(info.st_mode)))
+                    created.append((destination, stat.S_IMODE(mode)))
                 elif not (os.path.isdir(destination) and not os.path.islink(destination)):
                     continue  # the new save wrote a file where the old bundle had a folder: the new one wins
                 pending.append((entry.path, destination))
             elif os.path.lexists(destination):
                 continue  # written by the new save
-            elif stat.S_ISLNK(info.st_mode):
+            elif stat.S_ISLNK(mode):
                 os.symlink(os.readlink(entry.path), destination)
-            elif stat.S_ISREG(info.st_mode):
+            elif stat.S_ISREG(mode):
                 try:
                     os.link(entry.path, destination)
                 except OSError:
                     shutil.copy2(entry.path, destination)
-            elif stat.S_ISFIFO(info.st_mode):
-                os.mkfifo(destination, stat.S_IMODE(info.st_mode))
-            # sockets and device nodes are not bundle content: left out
     for path, mode in reversed(created):
         os.chmod(path, mode)
 
 
-def _restore_working_directory(cwd: str | None, target: str) -> None:
-    """A process whose working directory was inside the old bundle follows the swap (else it sits in a removed one)."""
-    if cwd is None or not (cwd == target or cwd.startswith(target + os.sep)):
-        return
-    for path in (cwd, target):
-        try:
-            os.chdir(path)
-            return
-        except OSError:
-            continue
-
-
 class AtomicDirectory:
-    """A staging directory for a new version of ``target``, swapped in as a whole by :meth:`commit`.
+    """A staging folder for a new version of ``target``, swapped in as a whole by :meth:`commit`.
 
-    :func:`atomic_directory` is the usual way to use it. The class form is for savers in several processes:
-    the main process creates it and passes :attr:`staging` to the others, every process writes its files there,
-    and after a barrier the main process calls :meth:`commit` (or :meth:`abort`).
+    :func:`atomic_directory` is the usual way to use it. The class form is for savers in several processes: the main
+    process creates it and passes :attr:`staging` to the others, every process writes its files there, and after a
+    barrier the main process calls :meth:`commit` (or :meth:`abort`).
 
     Args:
-        target: the bundle directory. A symbolic link to a directory is followed (the bundle is saved where it
-            points and the link still points there); a dangling link, a file or the root are refused with a
-            ``ValueError``.
+        target: the bundle folder. A symbolic link to a folder is followed (the bundle is saved where it points and
+            the link still points there); a dangling link, a file or the root are refused with a ``ValueError``.
         keep_other_files: bring the old target's files that the new save does not write into the new bundle (the
-            default, for user-facing bundles). ``False`` makes the target exactly what was written (checkpoints:
-            nothing of an earlier run survives in them).
+            default, for user-facing bundles). ``False`` makes the target exactly what was written (checkpoints).
     """
 
     def __init__(self, target, keep_other_files: bool = True):
@@ -524,25 +436,24 @@ class AtomicDirectory:
         self.nested = _inside_active_staging(self.target)
         self.in_place = False
         self._done = False
-        parent = os.path.dirname(self.target)
-        if self.nested:
+        if self.nested:  # the enclosing save makes the whole atomic
             os.makedirs(self.target, exist_ok=True)
             self.staging = self.target
             return
+        parent = os.path.dirname(self.target)
         os.makedirs(parent, exist_ok=True)
-        reason = None
         if os.path.isdir(self.target) and os.path.ismount(self.target):
-            reason = "it is a mount point"
+            self._start_in_place("it is a mount point")
         else:
             try:
                 self.staging = _make_directory(parent, os.path.basename(self.target), "staging")
             except PermissionError:
                 if not os.path.isdir(self.target):
                     raise
-                reason = f"this process may not write to its parent {parent!r}"
-        if reason is not None:
-            self._start_in_place(reason)
-        _set_active(self.staging, True)
+                self._start_in_place(f"this process may not write to its parent {parent!r}")
+        self._folder_mode = stat.S_IMODE(os.stat(self.staging).st_mode)  # 0o777 less the umask
+        with _ACTIVE_LOCK:
+            _ACTIVE_STAGING.add(self.staging)
 
     def _start_in_place(self, reason: str) -> None:
         logger.warning(
@@ -563,23 +474,26 @@ class AtomicDirectory:
         if self.nested:
             return self.target
         try:
+            _prepare_new_files(self.staging, self._folder_mode)
             if self.in_place:
-                self._commit_in_place()
+                self._install_files()
             else:
-                self._commit_swap()
+                self._swap()
         finally:
-            _set_active(self.staging, False)
-            _remove_tree(self.staging)  # after a swap this path holds the old bundle
+            self._drop_staging()  # after a swap this path holds the old bundle
         return self.target
 
     def abort(self) -> None:
         """Drop the staged files; the target stays as it was."""
-        if self._done:
-            return
-        self._done = True
-        if not self.nested:
-            _set_active(self.staging, False)
-            _remove_tree(self.staging)
+        if not self._done:
+            self._done = True
+            if not self.nested:
+                self._drop_staging()
+
+    def _drop_staging(self) -> None:
+        with _ACTIVE_LOCK:
+            _ACTIVE_STAGING.discard(self.staging)
+        _remove(self.staging)
 
     def __enter__(self) -> str:
         return self.staging
@@ -590,30 +504,31 @@ class AtomicDirectory:
         else:
             self.abort()
 
-    def _commit_swap(self) -> None:
+    def _swap(self) -> None:
         target, staging = self.target, self.staging
         parent = os.path.dirname(target)
-        _fsync_tree(staging)  # the saver's files, written with plain open(), before they can become the bundle
         try:
             cwd = os.getcwd()
         except OSError:
             cwd = None
         with _locked(parent):
             _clean_temporaries(parent, target=target)
-            if os.path.lexists(target):
-                if not os.path.isdir(target) or os.path.islink(target):
-                    raise ValueError(f"save directory {target!r} was replaced by a file during the save.")
+            if not os.path.lexists(target):
+                os.rename(staging, target)
+            elif not os.path.isdir(target) or os.path.islink(target):
+                raise ValueError(f"save directory {target!r} was replaced by a file during the save.")
+            else:
                 if self.keep_other_files:
                     _carry_over(target, staging)
-                    _fsync_tree(staging, files=False)
+                    _fsync(staging, directory=True)
                 os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
                 try:
                     exchanged = _rename_exchange(staging, target)
                 except OSError as error:
                     if error.errno != errno.EXDEV:
                         raise
-                    self._commit_across_devices()
-                    return
+                    message = "on another file system than its parent (a bind mount?): save into a subfolder of it"
+                    raise OSError(errno.EXDEV, message, target) from error
                 if not exchanged:
                     aside = _new_name(parent, os.path.basename(target), "old")
                     os.rename(target, aside)
@@ -622,35 +537,26 @@ class AtomicDirectory:
                     except BaseException:
                         os.rename(aside, target)
                         raise
-                    _fsync_path(parent, directory=True)
-                    _remove_tree(aside)
-            else:
-                os.rename(staging, target)
-            _fsync_path(parent, directory=True)
-            _restore_working_directory(cwd, target)
+                    _fsync(parent, directory=True)
+                    _remove(aside)
+            _fsync(parent, directory=True)
+        if cwd is not None and (cwd == target or cwd.startswith(target + os.sep)):
+            for path in (cwd, target):  # a process working inside the old bundle follows the swap
+                try:
+                    os.chdir(path)
+                    break
+                except OSError:
+                    continue
 
-    def _commit_across_devices(self) -> None:
-        logger.warning(
-            "%s is on another file system than its parent (a bind mount?): its files are replaced one by one.",
-            self.target,
-        )
-        self._install_files(self.staging, self.target)
-
-    def _commit_in_place(self) -> None:
-        _fsync_tree(self.staging)
-        self._install_files(self.staging, self.target)
-
-    @staticmethod
-    def _install_files(staging: str, target: str) -> None:
-        for root, directories, files in os.walk(staging):
-            relative = os.path.relpath(root, staging)
-            destination_dir = target if relative == "." else os.path.join(target, relative)
-            os.makedirs(destination_dir, exist_ok=True)
-            for name in files:
-                _replace_in(destination_dir, os.path.join(root, name), os.path.join(destination_dir, name))
+    def _install_files(self) -> None:
+        for root, directories, files in os.walk(self.staging):
+            relative = os.path.relpath(root, self.staging)
+            destination = self.target if relative == "." else os.path.join(self.target, relative)
             for name in directories:
-                os.makedirs(os.path.join(destination_dir, name), exist_ok=True)
-            _fsync_path(destination_dir, directory=True)
+                os.makedirs(os.path.join(destination, name), exist_ok=True)
+            for name in files:
+                os.replace(os.path.join(root, name), os.path.join(destination, name))
+            _fsync(destination, directory=True)
 
 
 def carry_into_staging(target: str, staging: str, name: str) -> None:
@@ -664,12 +570,12 @@ def carry_into_staging(target: str, staging: str, name: str) -> None:
 
 @contextmanager
 def atomic_directory(target, keep_other_files: bool = True) -> Iterator[str]:
-    """Yield a staging directory; when the block ends without an exception, it replaces ``target`` as a whole.
+    """Yield a staging folder; when the block ends without an exception, it replaces ``target`` as a whole.
 
     ``with atomic_directory(path) as staging: model.save_pretrained(staging)``. An exception in the block leaves
-    ``target`` as it was. See :class:`AtomicDirectory` for the arguments and the module docstring for what is
-    guaranteed where. A save into a staging directory of a save in progress (a bundle that saves a sub-bundle into
-    its own staging directory) writes there directly: the enclosing save makes the whole atomic.
+    ``target`` as it was. See :class:`AtomicDirectory` for the arguments and the module docstring for the guarantees.
+    A save into the staging folder of a save in progress writes there directly: the enclosing save makes the whole
+    atomic.
     """
     save = AtomicDirectory(target, keep_other_files=keep_other_files)
     try:
