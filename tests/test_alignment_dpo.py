@@ -307,3 +307,38 @@ def test_example_script_runs_tiny(tmp_path):
                     "--front_points_per_side", "3", "--save_strategy", "no"])
     assert {"front.csv", "front.json", "front.png", "adapter_model.safetensors"} <= set(os.listdir(tmp_path))
     assert len(summary["completions"]) == 3 * 2  # 3 preferences x 2 prompts
+
+
+def test_explicit_reference_model_and_gradient_checkpointing_give_the_same_loss(tmp_path):
+    """A frozen copy of the base as `ref_model` is the adapters-disabled model; checkpointing keeps the per-sample
+    preferences (its recomputed forward sees the same rows)."""
+    losses = []
+    for index, (ref_model, checkpointing) in enumerate([(None, False), (make_model("llama"), False), (None, True)]):
+        model = palora_model("llama")
+        trainer = PaLoRADPOTrainer(model, ref_model=ref_model, processing_class=make_tokenizer(),
+                                   args=dpo_config(tmp_path / str(index), gradient_checkpointing=checkpointing),
+                                   train_dataset=colour_data(), window_size=2)
+        trainer.state.global_step, trainer.state.max_steps = 5, 10
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+        model.train()
+        if checkpointing:  # Trainer.train turns it on; here by hand
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert model.get_base_model().model.gradient_checkpointing
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        gradient = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        losses.append((loss.item(), gradient))
+    for loss, gradient in losses[1:]:
+        assert loss == pytest.approx(losses[0][0], rel=1e-6)
+        torch.testing.assert_close(gradient, losses[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_eval_dataset_mapping_logs_per_objective_metrics(tmp_path):
+    model = palora_model("llama")
+    trainer = PaLoRADPOTrainer(model, args=dpo_config(tmp_path, max_steps=1), train_dataset=colour_data(),
+                               eval_dataset=colour_data(4, seed=1), processing_class=make_tokenizer(), window_size=2)
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_loss/red", "eval_rewards/blue/margins"} <= set(metrics)
+    with pytest.raises(ValueError, match="`eval_dataset` has the objectives"):
+        PaLoRADPOTrainer(palora_model("llama"), args=dpo_config(tmp_path), train_dataset=colour_data(),
+                         eval_dataset={"red": colour_data()["red"]}, processing_class=make_tokenizer())
