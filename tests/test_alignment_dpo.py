@@ -339,6 +339,10 @@ def test_eval_dataset_mapping_logs_per_objective_metrics(tmp_path):
                                eval_dataset=colour_data(4, seed=1), processing_class=make_tokenizer(), window_size=2)
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_loss/red", "eval_rewards/blue/margins"} <= set(metrics)
+    other = trainer.evaluate(colour_data(5, seed=2))  # a mapping given later is prepared and zipped the same way
+    assert {"eval_loss", "eval_loss/blue"} <= set(other) and other["eval_loss"] != metrics["eval_loss"]
+    with pytest.raises(ValueError, match="`eval_dataset` has the objectives"):
+        trainer.evaluate({"red": colour_data()["red"]})
     with pytest.raises(ValueError, match="`eval_dataset` has the objectives"):
         PaLoRADPOTrainer(palora_model("llama"), args=dpo_config(tmp_path), train_dataset=colour_data(),
                          eval_dataset={"red": colour_data()["red"]}, processing_class=make_tokenizer())

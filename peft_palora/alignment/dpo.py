@@ -337,6 +337,18 @@ class PaLoRADPOTrainer(DPOTrainer):
         self._objective_datasets[dataset_name] = None
         return zip_objectives(prepared, self.task_names)
 
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """``Trainer.evaluate`` on the eval set given at construction, or on ``eval_dataset``: a mapping
+        ``{objective: preference dataset}`` like ``train_dataset`` (prepared and zipped the same way)."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            self._objective_datasets["eval"] = _check_objective_datasets(eval_dataset, self.task_names,
+                                                                         "eval_dataset")
+            eval_dataset = self._prepare_dataset(None, self.processing_class, self.args, "eval")
+        # TRL's `evaluate` only prepares datasets, which is done above for a mapping: go straight to Trainer's.
+        return super(DPOTrainer, self).evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                                metric_key_prefix=metric_key_prefix)
+
     # ---- preferences --------------------------------------------------------------------------------------------
     def _sampler_step(self) -> int:
         global_step, index = self._window_position
