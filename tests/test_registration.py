@@ -59,7 +59,8 @@ def test_import_stays_light():
         import peft_palora
         heavy = ("matplotlib", "datasets", "evaluate", "moocore", "pandas", "recipes",
                  "peft_palora.multimnist", "peft_palora.fronts.plotting", "peft_palora.training", "peft_palora.training.hf_trainer",
-                 "peft_palora.training.multitask", "peft_palora.interop.hub", "peft_palora.interop.lora", "peft_palora.cli")
+                 "peft_palora.training.multitask", "peft_palora.interop.hub", "peft_palora.interop.lora", "peft_palora.cli", "trl",
+                 "peft_palora.alignment.dpo", "peft_palora.alignment.front")
         added = set(sys.modules) - before
         print(sorted(m for m in added if m.split(".")[0] in heavy or m.startswith(heavy)))
         """
