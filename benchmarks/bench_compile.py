@@ -2,7 +2,7 @@
 
 A small Llama (transformers, from its config: hidden 256, 4 layers by default) gets, on every linear layer, either
 PaLoRA (T tasks of rank r) or PEFT's LoRA of rank T*r. Each model is compiled (inductor by default) and timed against
-its eager self on the same CPU in one run, interleaved, median of N forwards at batch x seq tokens under no_grad:
+its eager self on the same CPU in one run, all four interleaved round-robin, median of N forwards at batch x seq tokens under no_grad:
 
 * PaLoRA is called with a new per-call preference tensor every forward (`model(ids, preference=p)`);
 * the graph, graph-break and recompile counts of each compiled model are read from dynamo's counters and a counting
@@ -40,8 +40,8 @@ def llama(hidden: int, layers: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def measure(name, model, make_kwargs, backend, repeats):
-    """Compile `model`, check it against eager, and time both, interleaved."""
+def compile_and_check(name, model, make_kwargs, backend):
+    """Compile `model` (counting graphs, breaks and recompiles over three inputs) and check it against eager."""
     torch._dynamo.reset()
     counters.clear()
     counter = CompileCounterWithBackend(backend)
@@ -50,32 +50,32 @@ def measure(name, model, make_kwargs, backend, repeats):
         start = time.perf_counter()
         compiled(**make_kwargs(0))
         compile_s = time.perf_counter() - start
-        for i in range(1, 3):  # warm both, and a 2nd and 3rd preference value
+        for i in range(1, 3):  # a 2nd and 3rd preference value: no recompile expected
             compiled(**make_kwargs(i))
-            model(**make_kwargs(i))
         kwargs = make_kwargs(99)
         error = (compiled(**kwargs).logits - model(**kwargs).logits).abs().max().item()
-        eager_times, compiled_times = [], []
-        for i in range(repeats):
-            kwargs = make_kwargs(100 + i)
-            for fn, times in ((model, eager_times), (compiled, compiled_times)):
-                start = time.perf_counter()
-                fn(**kwargs)
-                times.append(time.perf_counter() - start)
-    result = {
-        "eager_ms": 1e3 * statistics.median(eager_times),
-        "compiled_ms": 1e3 * statistics.median(compiled_times),
+    return compiled, {
         "compile_s": compile_s,
         "graphs": counter.frame_count,
         "graph_breaks": sum(counters["graph_break"].values()),
         "recompiles": counter.frame_count - 1,
         "max_abs_diff_vs_eager": error,
     }
-    result["speedup"] = result["eager_ms"] / result["compiled_ms"]
-    print(f"{name:>7}: eager {result['eager_ms']:8.2f} ms  compiled {result['compiled_ms']:8.2f} ms  "
-          f"speedup {result['speedup']:.2f}x  graphs {result['graphs']}  breaks {result['graph_breaks']}  "
-          f"recompiles {result['recompiles']}  compile {compile_s:.1f} s  max|diff| {error:.1e}")
-    return result
+
+
+def time_interleaved(runs: dict, repeats: int) -> dict[str, float]:
+    """Median forward time (ms) of each run, round-robin so that a change in the machine's load hits all alike."""
+    times = {name: [] for name in runs}
+    with torch.no_grad():
+        for fn, make_kwargs in runs.values():  # warm-up
+            fn(**make_kwargs(0))
+        for i in range(repeats):
+            for name, (fn, make_kwargs) in runs.items():
+                kwargs = make_kwargs(100 + i)
+                start = time.perf_counter()
+                fn(**kwargs)
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,12 +101,24 @@ def main(argv: list[str] | None = None) -> dict:
         num_tasks=args.tasks, r=args.r, target_modules="all-linear", init_weights=False)).eval()
     preferences = torch.distributions.Dirichlet(torch.ones(args.tasks)).sample((200,))
 
-    results = {
-        "config": vars(args) | {"torch": torch.__version__, "threads": torch.get_num_threads()},
-        "lora": measure("lora", lora, lambda i: {"input_ids": ids}, args.backend, args.repeats),
-        "palora": measure("palora", palora, lambda i: {"input_ids": ids, "preference": preferences[i % 200]},
-                          args.backend, args.repeats),
-    }
+    inputs = {"lora": lambda i: {"input_ids": ids},
+              "palora": lambda i: {"input_ids": ids, "preference": preferences[i % 200]}}
+    models = {"lora": lora, "palora": palora}
+    results = {"config": vars(args) | {"torch": torch.__version__, "threads": torch.get_num_threads()}}
+    runs = {}
+    for name, model in models.items():
+        compiled, results[name] = compile_and_check(name, model, inputs[name], args.backend)
+        runs[f"{name}_eager"] = (model, inputs[name])
+        runs[f"{name}_compiled"] = (compiled, inputs[name])
+    times = time_interleaved(runs, args.repeats)
+    for name in models:
+        result = results[name]
+        result["eager_ms"], result["compiled_ms"] = times[f"{name}_eager"], times[f"{name}_compiled"]
+        result["speedup"] = result["eager_ms"] / result["compiled_ms"]
+        print(f"{name:>7}: eager {result['eager_ms']:8.2f} ms  compiled {result['compiled_ms']:8.2f} ms  "
+              f"speedup {result['speedup']:.2f}x  graphs {result['graphs']}  breaks {result['graph_breaks']}  "
+              f"recompiles {result['recompiles']}  compile {result['compile_s']:.1f} s  "
+              f"max|diff| {result['max_abs_diff_vs_eager']:.1e}")
     results["palora_over_lora_compiled"] = results["palora"]["compiled_ms"] / results["lora"]["compiled_ms"]
     results["palora_over_lora_eager"] = results["palora"]["eager_ms"] / results["lora"]["eager_ms"]
     print(f"speedup from compile: lora {results['lora']['speedup']:.2f}x, palora {results['palora']['speedup']:.2f}x; "
