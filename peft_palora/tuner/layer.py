@@ -38,6 +38,9 @@ class PreferenceState:
     def __init__(self, num_tasks: int, value: torch.Tensor | None = None) -> None:
         self.num_tasks = num_tasks
         self._value = torch.full((num_tasks,), 1.0 / num_tasks) if value is None else _frozen_copy(value)
+        # ``(preference, expansion)`` of the model call that dynamo is tracing; written only inside traced code (a
+        # side effect dynamo replays as the restore at the end of the call), never while eager code runs.
+        self.call: tuple[torch.Tensor, int] | None = None
 
     @property
     def value(self) -> torch.Tensor:
@@ -134,8 +137,22 @@ class PaLoRALayer(BaseTunerLayer):
         """How many adapter directions each task owns (its block of rows of A, columns of B): r."""
         return self.r[adapter_name]
 
+    def _traced_preference(self, adapter_name: str) -> tuple[torch.Tensor, int]:
+        """Under ``torch.compile``: ``(preference, expansion)`` in force for this adapter, read without a graph break
+        from the traced model call (``PreferenceState.call``). A layer traced on its own (a compiled block inside an
+        eager call) looks the call up eagerly instead: a graph break, but the preference is still a graph input."""
+        state = self.preference_states[adapter_name]
+        if state.call is not None:
+            return state.call
+        snapshot = _per_call.current_outside_graph()
+        if snapshot is not None and adapter_name in snapshot.values:
+            return snapshot.values[adapter_name], snapshot.expansion
+        return state.value, 1
+
     def _preference(self, adapter_name: str) -> torch.Tensor:
         """The preference in force for this adapter: the running call's, else the adapter's default."""
+        if _per_call.compiling():
+            return self._traced_preference(adapter_name)[0]
         snapshot = _per_call.current()
         if snapshot is not None and adapter_name in snapshot.values:
             return snapshot.values[adapter_name]
@@ -144,6 +161,9 @@ class PaLoRALayer(BaseTunerLayer):
     def _scale(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
         """This layer's ``(alpha / r) * lambda`` per adapter direction at the preference in force, on ``like``'s
         device and dtype (from the running call's snapshot, which computes it once per call)."""
+        if _per_call.compiling():
+            preference, expansion = self._traced_preference(adapter_name)
+            return self._scale_at(adapter_name, preference, like, expansion)
         snapshot = _per_call.current()
         if snapshot is not None and adapter_name in snapshot.values:
             r, scaling = self._directions(adapter_name), self.scaling[adapter_name]
@@ -176,6 +196,13 @@ class PaLoRALayer(BaseTunerLayer):
             b = self.palora_B[name]
             if name not in self.merged_adapters:
                 scales[name] = self._scale(name, b)
+                continue
+            if _per_call.compiling():
+                preference, expansion = self._traced_preference(name)
+                if preference is self.merged_preferences[name]:
+                    continue  # a call at the default, which the weights hold (identity: decided while tracing)
+                scales[name] = self._scale_at(name, preference - self.merged_preferences[name].to(preference), b,
+                                              expansion)
                 continue
             preference = self._preference(name)
             merged_at = self.merged_preferences[name].to(preference)
@@ -266,7 +293,10 @@ class PaLoRALayer(BaseTunerLayer):
                     del merged
                 else:
                     self._add_delta_to_weight(name, preference, alpha=1.0)
-            self.merged_preferences[name] = _frozen_copy(preference)
+            # The default itself when merged at it (it is never edited in place): a compiled call at the default
+            # then knows, while tracing, that the weights already hold its preference.
+            default = self.preference_states[name].value
+            self.merged_preferences[name] = preference if preference is default else _frozen_copy(preference)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -306,6 +336,8 @@ class PaLoRALayer(BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if _per_call.compiling():  # a traced checkpoint recomputes from the graph's inputs: no stack to walk
+            return self._forward(x, self._forward_scales(), *args, **kwargs)
         recorded = _per_call.checkpoint_preferences(self.training)  # a checkpoint re-run: its forward's preference
         if recorded is not None:
             with _per_call.call_preferences(recorded):
@@ -326,8 +358,13 @@ class PaLoRALayer(BaseTunerLayer):
         """Shape a (rows, C) per-sample scale to broadcast over ``hidden``: samples at ``batch_dim``, channels at
         ``channel_dim``. The rows must be exactly the samples: nothing is repeated or guessed."""
         rows = hidden.shape[self.batch_dim] if hidden.dim() > max(self.batch_dim, 1) else None
-        snapshot = _per_call.current()
-        expansion = snapshot.expansion if snapshot is not None else 1
+        if _per_call.compiling():
+            expansion = 1  # call-wide: any active adapter's
+            for name in self._active_palora_adapters():
+                expansion = self._traced_preference(name)[1]
+        else:
+            snapshot = _per_call.current()
+            expansion = snapshot.expansion if snapshot is not None else 1
         if rows is not None and expansion > 1 and rows * expansion == scale.shape[0]:
             # `generate` expands each sample into `expansion` rows for the decoder only: an encoder (T5, BART) runs
             # once per sample, and its rows take each sample's first (identical) expanded row.

@@ -66,6 +66,7 @@ class PaLoRAModel(BaseTuner):
         self._preference_states: dict[str, PreferenceState] = {}  # the default preference of each adapter
         self._replaced_during_injection: list[tuple[nn.Module, str, nn.Module]] = []
         self._merge_lock = _per_call.MergeLock()  # calls read merged weights; merges rewrite them in place
+        self._traced_batch: tuple | None = None  # the batch of the PeftModel call dynamo traces (see PeftModel.forward)
         super().__init__(model, peft_config, adapter_name, **kwargs)
 
     # ---- injection ----------------------------------------------------------------------------------------------
@@ -155,6 +156,8 @@ class PaLoRAModel(BaseTuner):
 
     # ---- preferences --------------------------------------------------------------------------------------------
     def _validate_for_adapter(self, preference: PreferenceLike, adapter_name: str) -> torch.Tensor:
+        if isinstance(preference, _per_call.Validated):
+            return preference[adapter_name]
         config = self.peft_config[adapter_name]
         if _is_list_of_mappings(preference):  # one {task: weight} dict per sample (e.g. one per user)
             rows = [validate_preference(row, config.num_tasks, config.task_names, name=f"preference[{i}]")
@@ -226,6 +229,14 @@ class PaLoRAModel(BaseTuner):
         values.update({name: self._validate_for_adapter(preference, name) for name in names})
         return _per_call.ScopedPreferences(_per_call.CallPreferences(values))
 
+    @torch.compiler.disable
+    def _validated_outside_graph(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`kwargs` with a non-tensor `preference=` given to a compiled model validated eagerly (one graph break before
+        the call's graph) into a tensor per adapter, so its values enter the graph as an input, not as constants."""
+        preference = kwargs["preference"]
+        validated = {name: self._validate_for_adapter(preference, name) for name in self._target_adapters(None)}
+        return {**kwargs, "preference": _per_call.Validated(validated)}
+
     def _merged_layers(self, adapter_name: str) -> list[PaLoRALayer]:
         return [layer for _, layer in self._palora_layers(adapter_name) if adapter_name in layer.merged_adapters]
 
@@ -243,6 +254,11 @@ class PaLoRAModel(BaseTuner):
 
         The snapshot is the per-call `preference=` where given, else the enclosing `preference_context`'s, else the
         default; it reaches the layers through a context variable (`_per_call`), never through shared state.
+
+        Traced by `torch.compile`, the same values reach the layers through each adapter's `PreferenceState.call`,
+        written and restored inside the traced call (a side effect of the trace, not a write at run time): the
+        preference is an input of the graph, with no graph break in the layers (see `_per_call`). Compiled calls do
+        not take the merge lock: re-merge a compiled merged model (`set_preference`) between calls, not during them.
         """
         if kwargs.get("adapter_names") is not None:
             raise ValueError(
@@ -251,7 +267,8 @@ class PaLoRAModel(BaseTuner):
                 "`set_adapter`."
             )
         preference = kwargs.get("preference")
-        enclosing = _per_call.current()
+        compiling = _per_call.compiling()
+        enclosing = _per_call.enclosing_for_graph() if compiling else _per_call.current()
         values = {}
         for name in self._target_adapters(None):
             if preference is not None:
@@ -260,7 +277,7 @@ class PaLoRAModel(BaseTuner):
                 values[name] = enclosing.values[name]
             else:
                 values[name] = self._preference_states[name].value
-        batch = _per_call.batch_of(args, kwargs) or _per_call.call_batch()
+        batch = _per_call.batch_of(args, kwargs) or (self._traced_batch if compiling else _per_call.call_batch())
         for value in values.values():
             if value.dim() == 2 and batch is not None and value.shape[0] != batch[0]:
                 raise ValueError(
@@ -268,6 +285,17 @@ class PaLoRAModel(BaseTuner):
                     f"{batch[0]} samples (`{batch[1]}` has shape {batch[2]}); give exactly one preference row per "
                     "sample, or one (T,) preference for the whole batch."
                 )
+        if compiling:
+            states = [(self._preference_states[name], value) for name, value in values.items()]
+            previous = [state.call for state, _ in states]
+            for state, value in states:
+                state.call = (value, 1)
+            try:
+                yield
+            finally:
+                for (state, _), call in zip(states, previous):
+                    state.call = call
+            return
         expansion = _generation_expansion(self.model, kwargs) if _per_call.generating() else 1
         if self.training:
             _per_call.preserve_in_checkpointing(self.model)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from huggingface_hub import ModelCard
 from peft import (
     PeftModel,
@@ -155,8 +156,26 @@ class PaLoRAPeftModelMixin:
         return push_palora_to_hub(self, repo_id, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any):
+        if _per_call.compiling():
+            return self._traced_forward(args, kwargs)
         with _per_call.recording_batch(args, kwargs):
             return super().forward(*args, **kwargs)
+
+    def _traced_forward(self, args: tuple, kwargs: dict[str, Any]):
+        """`forward` as dynamo traces it: the batch goes to the tuner as a traced side effect (a context variable
+        cannot be traced), and a preference that is not a tensor is validated before the graph (one graph break),
+        so that its values are an input of the graph, not constants that recompile."""
+        preference = kwargs.get("preference")
+        if preference is not None and not isinstance(preference, (torch.Tensor, _per_call.Validated)):
+            # the whole kwargs dict is handed over unread, so dynamo does not guard on (and recompile for) the values
+            kwargs = self.base_model._validated_outside_graph(kwargs)
+        tuner = self.base_model
+        previous = tuner._traced_batch
+        tuner._traced_batch = _per_call.batch_of(args, kwargs)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            tuner._traced_batch = previous
 
     def generate(self, *args: Any, **kwargs: Any):
         with _per_call.generation(), _per_call.recording_batch(args, kwargs):

@@ -232,6 +232,9 @@ def validate_preference(
     if batch_size is not None:
         batch_size = check_int(batch_size, "batch_size", minimum=1)
 
+    if isinstance(pref, torch.Tensor) and torch.compiler.is_compiling():
+        return _validate_in_graph(pref, num_tasks, batch_size, name)
+
     given = _Given()
     if isinstance(pref, Mapping):
         pref = _from_mapping(pref, num_tasks, task_names, name, given)
@@ -300,4 +303,51 @@ def validate_preference(
             f"{name} must sum to 1 (tolerance {tolerance:g}); got {_format_values(rows[off])} with sum(s) "
             f"{bad_sums}. Preferences are not renormalised automatically."
         )
+    return values
+
+
+def _check_shape(values: torch.Tensor, num_tasks: int, batch_size: int | None, name: str) -> None:
+    if values.ndim not in (1, 2):
+        raise ValueError(
+            f"{name} must have shape (T,) or (batch, T) with T={num_tasks}; got shape {tuple(values.shape)} "
+            f"({values.ndim} dimension(s))."
+        )
+    if values.shape[-1] != num_tasks:
+        raise ValueError(f"{name} must have {num_tasks} entries (one per task), got shape {tuple(values.shape)}.")
+    if values.ndim == 2:
+        if values.shape[0] == 0:
+            raise ValueError(f"{name} has shape {tuple(values.shape)}: a batch of preferences cannot be empty.")
+        if batch_size is not None and values.shape[0] != batch_size:
+            raise ValueError(
+                f"{name} has {values.shape[0]} rows but the batch has {batch_size} samples; give one preference "
+                "per sample, or a single (T,) preference for the whole batch."
+            )
+
+
+def _validate_in_graph(pref: torch.Tensor, num_tasks: int, batch_size: int | None, name: str) -> torch.Tensor:
+    """:func:`validate_preference` for a tensor inside a ``torch.compile`` graph: no ``.item()``, no Python branch on
+    the values, so the preference stays an input of the graph (a new value never recompiles).
+
+    The dtype and shape are checked while tracing (they are part of the graph's guards) and raise the usual
+    ``TypeError``/``ValueError``. The values (finite, non-negative, rows summing to 1 within the same tolerance) are
+    checked by the graph itself with ``torch._assert_async``: a bad value raises a ``RuntimeError`` carrying the
+    message below when the graph runs (a compiled graph cannot raise ``ValueError`` nor show the values).
+    """
+    _check_tensor(pref, name)
+    _check_shape(pref, num_tasks, batch_size, name)
+    tolerance = _sum_tolerance(_tensor_resolution(pref.dtype))
+    exact = pref.detach().to(torch.float32 if pref.device.type == "mps" else torch.float64)
+    values = pref.to(dtype=torch.float32, copy=True)
+    valid = (
+        torch.isfinite(exact).all()
+        & torch.isfinite(values.detach()).all()
+        & (exact >= 0).all()
+        & ((exact.sum(dim=-1) - 1).abs() <= tolerance).all()
+    )
+    torch._assert_async(
+        valid,
+        f"{name} must be finite, non-negative and sum to 1 (tolerance {tolerance:g}) in every row; nothing is "
+        "renormalised. (Checked inside the compiled graph, which cannot show the values: run the call eagerly to "
+        "see them.)",
+    )
     return values

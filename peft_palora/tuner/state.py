@@ -17,6 +17,12 @@ not) is handled by the layers themselves (:func:`checkpoint_preferences`).
 
 ``preference_context`` blocks are scoped to the frames that run inside them (:class:`ScopedPreferences`), so a
 generator paused inside one does not leak it. Merged weights are rewritten under :class:`MergeLock`.
+
+Under ``torch.compile`` none of that machinery can be traced (``ContextVar.get``, ``sys._getframe``, locks). A call
+traced by dynamo therefore hands its preferences to the layers through the model's :class:`PreferenceState` objects
+(``state.call``, set and restored inside the traced call, see ``PaLoRAModel._enable_peft_forward_hooks``): dynamo
+tracks that write as a side effect, so the layers read the preference as a tensor of the graph (an input, never a
+constant), and nothing is written while the compiled graph runs. Code that runs eagerly keeps the context variable.
 """
 
 from __future__ import annotations
@@ -86,6 +92,32 @@ def current() -> CallPreferences | None:
     if snapshot is not None or not _SCOPES:
         return snapshot
     return _scoped()
+
+
+def compiling() -> bool:
+    """Whether dynamo is tracing the running code (then the traceable path is taken: see the module docstring)."""
+    return torch.compiler.is_compiling()
+
+
+@torch.compiler.disable
+def current_outside_graph() -> CallPreferences | None:
+    """:func:`current`, for traced code: run eagerly (a graph break), so the values it returns are graph inputs."""
+    return current()
+
+
+def enclosing_for_graph() -> CallPreferences | None:
+    """For a traced model call: the enclosing ``preference_context`` block's preferences, if a block is open.
+
+    Only the emptiness of the block registry is read while tracing (dynamo guards on it); when a block is open, the
+    lookup runs eagerly (one graph break; the call then recompiles once for the open-block case).
+    """
+    if not _SCOPES:
+        return None
+    return current_outside_graph()
+
+
+class Validated(dict):
+    """Preferences already validated per adapter name (``{adapter: tensor}``), as a traced call passes them on."""
 
 
 @contextmanager
@@ -310,6 +342,8 @@ class _PreferencePreservingCheckpoint:
         functools.update_wrapper(self, checkpoint_fn, updated=())
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if compiling():  # a traced checkpoint recomputes from the graph's own inputs, preference included
+            return self.checkpoint_fn(function, *args, **kwargs)
         snapshot = _CURRENT.get()
         if snapshot is None:
             return self.checkpoint_fn(function, *args, **kwargs)
