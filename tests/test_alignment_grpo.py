@@ -241,6 +241,7 @@ def test_sampler_must_fit_the_generation_batch(tmp_path):
         make_trainer(tmp_path, preference_sampler=AnnealedGridSampler(3, 2))
 
 
+@pytest.mark.slow
 def test_import_peft_palora_does_not_import_trl():
     code = "import sys, peft_palora, peft_palora.alignment; assert 'trl' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -224,6 +224,7 @@ def files_server():
 # ---------------------------------------------------------------------------------------------------------------------
 # SIGKILL at random instants
 # ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["exchange", "two-renames"])
 def test_a_save_killed_at_any_instant_leaves_one_whole_bundle_and_no_debris(files_server, tmp_path, protocol):
     rng = random.Random(20260101)

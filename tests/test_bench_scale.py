@@ -35,6 +35,7 @@ def tiny_run(tmp_path_factory):
     return result.stdout, json.loads(output.read_text())
 
 
+@pytest.mark.slow
 def test_tiny_run_measures_every_candidate(tiny_run):
     stdout, report = tiny_run
     ratios = [line for line in stdout.splitlines() if line.startswith("RATIO")]
@@ -89,6 +90,7 @@ def test_tiny_run_merge_and_export(tiny_run):
         assert export["lora_rank"] == T * R and export["bundle_bytes"] > 4 * ADAPTERS and export["seconds"] > 0
 
 
+@pytest.mark.slow
 def test_tiny_budget_too_small_computes_instead_of_running(tmp_path):
     output = tmp_path / "small.json"
     result = run("--tiny", "--threads", "1", "--memory_budget_gib", "0.0001", "--output", str(output))
@@ -111,6 +113,7 @@ def test_bad_arguments_are_refused_by_name(flag, value):
     assert result.returncode == 2 and flag in result.stderr
 
 
+@pytest.mark.slow
 def test_from_json_recomputes_the_same_figures_without_measuring(tiny_run, tmp_path):
     _, report = tiny_run
     saved = tmp_path / "saved.json"

@@ -63,6 +63,7 @@ def test_info_reports_tasks_rank_and_overhead(bundle, capsys):
     assert json.loads(capsys.readouterr().out)["num_tasks"] == 2
 
 
+@pytest.mark.slow
 @requires_mnist
 def test_front_matches_an_independent_evaluation(bundle, tmp_path):
     from recipes.multimnist import make_multimnist
@@ -207,6 +208,7 @@ def test_a_folder_without_a_bundle_names_the_missing_config(tmp_path, capsys):
 HUGE_VOCAB = 2_000_000_000  # with hidden size 64: 128e9 parameters, 512 GB in float32
 
 
+@pytest.mark.slow
 def test_info_builds_the_base_on_the_meta_device(bundle, tmp_path):
     """A base model whose parameters would need 512 GB is measured with the address space capped at 8 GB."""
     from transformers import BertConfig, BertModel
@@ -233,6 +235,7 @@ def test_info_builds_the_base_on_the_meta_device(bundle, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- front on your data
+@pytest.mark.slow
 def test_front_on_a_jsonl_file_of_arrays_matches_an_independent_evaluation(bundle, tmp_path, capsys):
     path, model = bundle
     generator = torch.Generator().manual_seed(3)

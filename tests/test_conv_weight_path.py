@@ -156,6 +156,7 @@ class OneConv(nn.Module):
         return self.conv(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv_cls, kwargs", GEOMETRIES)
 @pytest.mark.parametrize("train_base_weights", [True, False])
 def test_rebuilt_kernel_gives_autograds_gradients_for_every_geometry(conv_cls, kwargs, train_base_weights):

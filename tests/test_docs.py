@@ -174,6 +174,7 @@ def _check_skips(blocks: list[CodeBlock], page: str) -> None:
             )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", EXECUTED_PAGES)
 def test_page_code_runs(page, tmp_path, monkeypatch):
     path = DOCS / page
@@ -201,6 +202,7 @@ def _pages_with_hub_blocks() -> list[str]:
     return [page for page in EXECUTED_PAGES if any(b.skipped for b in python_blocks((DOCS / page).read_text("utf-8")))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", _pages_with_hub_blocks())
 def test_hub_blocks_run_against_a_loopback_hub(page, tmp_path):
     from hub_server import LoopbackHub
@@ -440,6 +442,7 @@ def _missing_docs_tools() -> list[str]:
     return missing
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     missing = _missing_docs_tools()
     if missing:

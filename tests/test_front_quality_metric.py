@@ -160,6 +160,7 @@ def test_combine_with_itself_and_with_another_module(tmp_path):
         assert again[key] == pytest.approx(value), key
 
 
+@pytest.mark.slow
 def test_loads_offline_in_a_fresh_process_from_a_copied_module(tmp_path):
     """evaluate copies the script into its module cache and imports the copy; with every network path shut
     (offline flags and an unreachable endpoint) and empty caches, loading and computing must still work."""

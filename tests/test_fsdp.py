@@ -113,6 +113,7 @@ def _adapter_keys(state: dict) -> list[str]:
     return sorted(k for k in state if "palora_" in k)
 
 
+@pytest.mark.slow
 def test_sharded_training_matches_one_process(sharded, reference):
     results = sharded["results"]
     # The loss of each step: the mean over both ranks' halves is the one-process loss on the whole batch.

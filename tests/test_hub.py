@@ -157,6 +157,7 @@ def test_importing_peft_palora_routes_push_to_hub(tiny_palora_model, monkeypatch
     assert calls == [(tiny_palora_model, "user/repo", {"commit_message": "m"})]
 
 
+@pytest.mark.slow
 def test_pulled_models_match_the_pushed_model_at_every_preference(round_trip):
     import torch
 
@@ -242,6 +243,7 @@ def test_other_peft_models_keep_transformers_push(round_trip):
     assert "palora" not in (metadata.get("tags") or [])
 
 
+@pytest.mark.slow
 def test_an_unmodelled_request_during_a_push_does_not_break_it(tmp_path):
     """A request the loopback server does not model (as `kernels` makes for `kernels-community` when bitsandbytes
     loads) gets a clean 404 the client handles, and the push still lands as one commit."""

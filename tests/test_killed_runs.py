@@ -177,6 +177,7 @@ def uninterrupted(tmp_path_factory) -> str:
     return output_dir
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_point_then_resume_latest_is_bit_identical(uninterrupted, tmp_path):
     output_dir = str(tmp_path / "killed")
     rng = random.Random()  # the kill instant is the only thing that varies between test runs
@@ -210,6 +211,7 @@ def test_sigkill_at_a_random_point_then_resume_latest_is_bit_identical(uninterru
     _assert_same_training_result(uninterrupted, output_dir)
 
 
+@pytest.mark.slow
 def test_crashes_inside_checkpoint_writes_fall_back_to_the_previous_checkpoint(uninterrupted, tmp_path):
     output_dir = str(tmp_path / "crashed")
 
@@ -322,6 +324,7 @@ def two_runs(tmp_path_factory):
     return folders
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash", ["accelerate:4:model.safetensors", "commit:4", "after:4"])
 def test_resaving_a_checkpoint_into_a_used_folder_never_mixes_two_runs(two_runs, tmp_path, crash):
     """Run B is started in run A's output folder, re-saves checkpoint-2, and is killed while it re-saves

@@ -245,6 +245,7 @@ def _seq2seq(kind):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["t5", "bart"])
 @pytest.mark.parametrize("settings", [dict(num_beams=2), dict(num_beams=2, num_return_sequences=2)],
                          ids=["beams", "beams-returned"])

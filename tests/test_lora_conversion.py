@@ -166,6 +166,7 @@ def converted(tmp_path_factory):
     return {name: (got[name] - expected[name]).abs().max().item() for name in CASES}, effects
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_save_as_lora_loads_in_plain_peft_and_equals_palora(converted, name):
     differences, effects = converted

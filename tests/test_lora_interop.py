@@ -220,6 +220,7 @@ def exported(tmp_path_factory):
     return differences, manifest, effects
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPORT_CASES))
 def test_export_loads_in_plain_peft_and_matches(exported, name):
     differences, _, effects = exported

@@ -234,6 +234,7 @@ def one_process_dir(tmp_path_factory) -> str:
     return output_dir
 
 
+@pytest.mark.slow
 def test_each_file_is_written_once_by_the_main_process(two_process_dir):
     # the per-rank checks (identical ranks at each checkpoint, rank 1 writing only its RNG state) ran in the ranks
     names = sorted(os.listdir(two_process_dir))
@@ -333,6 +334,7 @@ def _launched_rank_run(output_dir: str) -> None:
         json.dump(report, handle)
 
 
+@pytest.mark.slow
 def test_a_multi_gpu_launch_on_cpu_is_one_run(tmp_path):
     output_dir = str(tmp_path)
     code = (

@@ -101,6 +101,7 @@ def test_autocast_keeps_float32_adapters_and_matches_float32(case, name, prefere
     check_against_float32(model, copy.deepcopy(model), inputs, inputs, preference, name, autocast=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preference", PREFERENCES.values(), ids=PREFERENCES.keys())
 @pytest.mark.parametrize("name", LOW_PRECISION)
 @pytest.mark.parametrize("case", CUSTOM_CASES, ids=lambda c: c.name)
@@ -218,6 +219,7 @@ def _train_recording_head_inputs(trainer) -> list[torch.dtype]:
     return dtypes
 
 
+@pytest.mark.slow
 def test_trainer_bf16_on_cpu_runs_under_autocast_with_float32_adapters(tmp_path, clean_accelerate_state):
     skip_unless_autocast("bf16")
     reference = _trainer(tmp_path, "no")

@@ -51,6 +51,7 @@ def _outputs(model, input_ids):
         return {f"pref{i}": model(input_ids=input_ids, preference=p).last_hidden_state for i, p in enumerate(PREFS)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_base_weights", [False, True])
 def test_reload_in_fresh_process_reproduces_outputs(tmp_path, train_base_weights, one_thread):
     # Bit-for-bit equality across processes needs the same kernels: both sides run on one thread, whatever the

@@ -20,6 +20,7 @@ def _run(code: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("before", ["", "import peft; from peft import LoraConfig, get_peft_model; import peft.tuners.lora"])
 def test_fresh_interpreter_registration(before):
     out = _run(
@@ -48,6 +49,7 @@ def test_fresh_interpreter_registration(before):
     assert out.strip().endswith("ok")
 
 
+@pytest.mark.slow
 def test_import_stays_light():
     """`import peft_palora` registers the tuner and imports nothing of the plotting, data or example stack beyond
     what PEFT itself imports (some PEFT and transformers releases pull in pandas or datasets on their own)."""

@@ -181,6 +181,7 @@ def mixed(tmp_path_factory):
     return differences, manifest, effects, models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_task_loras_mixed_in_plain_peft_equal_palora(mixed, name):
     differences, _, effects, _ = mixed

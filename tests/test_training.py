@@ -166,6 +166,7 @@ def test_train_follows_the_schedule_and_evaluates_the_front(tmp_path):
     assert [entry["step"] for entry in result.log_history] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resumed_run_is_bit_identical(tmp_path):
     torch.use_deterministic_algorithms(True)
     try:
@@ -244,6 +245,7 @@ def _two_process_run(output_dir: str) -> None:
     assert torch.equal(running_means[0], running_means[1])
 
 
+@pytest.mark.slow
 def test_two_processes_keep_preferences_and_parameters_identical(tmp_path):
     # A fresh interpreter: forking a process whose OpenMP pool already ran (earlier tests) can deadlock the children.
     code = (

@@ -27,6 +27,7 @@ def _run(case, model, inputs, **kwargs):
     return case.output(model(**inputs, **kwargs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.name)
 def test_output_equals_independent_recomputation(case):
     pristine, model = _build(case)
@@ -41,6 +42,7 @@ def test_output_equals_independent_recomputation(case):
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.name)
 def test_per_sample_batch_equals_rows_one_at_a_time(case):
     _, model = _build(case)
@@ -57,6 +59,7 @@ def test_per_sample_batch_equals_rows_one_at_a_time(case):
     torch.testing.assert_close(model.get_preference(), torch.full((3,), 1 / 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.name)
 def test_merged_equals_unmerged_and_unmerge_restores(case):
     _, model = _build(case)

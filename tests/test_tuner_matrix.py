@@ -177,6 +177,7 @@ def test_only_params_are_updated(row, train_base_weights):
 # ---- save and load ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @matrix("train_base_weights", BASE_MODES)
 def test_save_load_round_trip(row, train_base_weights, tmp_path):
     inputs = make_inputs(row)
@@ -203,6 +204,7 @@ def test_save_load_round_trip(row, train_base_weights, tmp_path):
         assert torch.equal(saved[key], restored[key]), key
 
 
+@pytest.mark.slow
 @matrix()
 def test_save_load_several_adapters(row, tmp_path):
     inputs = make_inputs(row)
@@ -228,6 +230,7 @@ def test_save_load_several_adapters(row, tmp_path):
 # ---- merging ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @matrix("safe_merge", (("merge", False), ("safe_merge", True)))
 def test_merge_unmerge(row, safe_merge):
     inputs = make_inputs(row)
@@ -357,6 +360,7 @@ def test_delete_adapter(row):
 # ---- several adapters -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @matrix()
 def test_several_adapters(row):
     inputs = make_inputs(row)
@@ -398,6 +402,7 @@ def _floating_to(inputs: dict, dtype: torch.dtype) -> dict:
     return {key: value.to(dtype) if value.is_floating_point() else value for key, value in inputs.items()}
 
 
+@pytest.mark.slow
 @matrix()
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no_autocast"])
@@ -453,6 +458,7 @@ def test_half_precision(row, dtype, autocast, tmp_path):
 # ---- inference_mode, then training and merging ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @matrix("preference_set_in_inference_mode", (("forward", False), ("set_preference", True)))
 def test_inference_mode_then_train_and_merge(row, preference_set_in_inference_mode):
     # Lightning validates under inference_mode: nothing kept from such a call may reach a later backward or merge
