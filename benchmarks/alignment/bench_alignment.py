@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--output", default=str(HERE / "results" / "bench_alignment.json"))
     parser.add_argument("--plot", default=None, help="Front plot (default: front.png next to --output).")
     parser.add_argument("--workdir", default=None, help="Adapters and per-job records (default: a temp folder).")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Reuse job records already in --workdir (summarise a finished or interrupted run).")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job in this process
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -463,6 +465,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     for seed in args.seeds:
         os.makedirs(os.path.join(workdir, f"seed{seed}"), exist_ok=True)
         for job in jobs:  # one process per job: its own peak RSS, one thread
+            done = Path(workdir) / f"seed{seed}" / f"{job}.json"
+            if args.reuse and done.exists():
+                records.append(json.loads(done.read_text()))
+                continue
             command = [sys.executable, str(Path(__file__).resolve()), "--job", job, "--seed", str(seed),
                        "--workdir", workdir, *passthrough]
             result = subprocess.run(command, env=env, capture_output=True, text=True)
