@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("trl")
+pytestmark = pytest.mark.slow  # ten training/evaluation subprocesses
 
 from peft_palora.pareto import hypervolume  # noqa: E402
 
