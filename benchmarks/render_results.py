@@ -497,8 +497,73 @@ def render_paper_schedule_epochs(root: Path) -> str:
             along.append([f"{what}, {SCHEDULE_LABELS[schedule]}", *cells])
     return table(["epoch", *(str(e + 1) for e in range(epochs))], along, "l" + "r" * epochs)
 
+def render_compile(root: Path) -> str:
+    data = load(root, RESULTS / "bench_compile.json")
+    config, lora, palora = data["config"], data["lora"], data["palora"]
+    rows = [
+        [name, str(run["graphs"]), str(run["graph_breaks"]), str(run["recompiles"]), f"{run['eager_ms']:.0f}",
+         f"{run['compiled_ms']:.0f}", f"{run['speedup']:.2f}x", f"{run['max_abs_diff_vs_eager']:.1e}"]
+        for name, run in ((f"PEFT LoRA rank {config['tasks'] * config['r']}", lora),
+                          (f"PaLoRA T={config['tasks']}, r={config['r']}, per-call preference", palora))
+    ]
+    intro = (
+        f"A Llama of hidden {config['hidden']}, {config['layers']} layers, batch {config['batch']} x {config['seq']} tokens, "
+        f"every linear layer targeted, `torch.compile` backend `{config['backend']}`, {config['threads']} threads, "
+        f"torch {config['torch']}, the four runs timed in turn ({config['repeats']} repeats; "
+        f"`python benchmarks/bench_compile.py`, `benchmarks/results/bench_compile.json`). Compiled PaLoRA / compiled LoRA: "
+        f"{data['palora_over_lora_compiled']:.2f}; eager: {data['palora_over_lora_eager']:.2f}. Graphs, breaks and "
+        "recompiles are counted over calls at three preference values."
+    )
+    return intro + "\n\n" + table(
+        ["model", "graphs", "graph breaks", "recompiles", "eager ms", "compiled ms", "speed-up", "max diff vs eager"],
+        rows, "lrrrrrrr",
+    )
+
+
+ALIGNMENT_LABELS = {
+    "palora": "P: PaLoRA-DPO, one model",
+    "fixed_share": "(a) fixed weights, 5 TRL LoRAs, 1/5 of the compute each",
+    "soups": "(b) Rewarded Soups: 2 TRL LoRAs mixed (`from_lora_adapters`)",
+    "soups_palora": "(c) Soups start, PaLoRA finish",
+    "fixed_equal": "(a') fixed weights, 5 TRL LoRAs, full compute each (5x in all)",
+}
+
+
+def render_alignment(root: Path) -> str:
+    data = load(root, Path("benchmarks") / "alignment" / "results" / "bench_alignment.json")
+    setting, rows = data["setting"], []
+    for key, label in ALIGNMENT_LABELS.items():
+        method = data["methods"].get(key)
+        if method is None:
+            continue
+        grid5, grid11 = method["grid5"], method.get("grid11")
+        rows.append([
+            label,
+            f"{grid5['hypervolume_mean']:.3f} ± {grid5['hypervolume_std']:.3f}",
+            "–" if grid11 is None else f"{grid11['hypervolume_mean']:.3f} ± {grid11['hypervolume_std']:.3f}",
+            f"{grid5['mean_spearman_mean']:.3f}",
+            f"{method['policy_tokens']:,}",
+            f"{method['max_rss_mib']:.0f}",
+            f"{method['adapter_bytes']:,}",
+        ])
+    intro = (
+        f"DPO on two synthetic objectives (the red and the blue word share of a greedy {setting['max_new_tokens']}-token "
+        f"completion; the ideal front is red + blue = 1), {setting['model']}; rank {setting['r']} on "
+        f"{', '.join(setting['targets'])}; seeds {setting['seeds']}; hypervolume with the fixed reference "
+        f"{tuple(setting['reference'])} over 5 and 11 preferences (5 models for the fixed-weight runs); compute "
+        f"counted as {setting['compute']}; memory: {setting['memory']} (`python benchmarks/alignment/bench_alignment.py`, "
+        "`benchmarks/alignment/results/bench_alignment.json`)."
+    )
+    return intro + "\n\n" + table(
+        ["method", "HV, 5 points", "HV, 11 points", "Spearman, 5 points", "policy tokens", "peak RSS MiB",
+         "adapter bytes"],
+        rows, "lrrrrrr",
+    )
+
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "compile": render_compile,
+    "alignment": render_alignment,
     "llm-scale": render_llm_scale,
     "paper-overview": render_paper_overview,
     "paper-multimnist": render_paper_multimnist,
