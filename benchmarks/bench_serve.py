@@ -140,16 +140,20 @@ def post(port: int, payload: dict) -> tuple[int, dict]:
         connection.close()
 
 
-def start(command: list[str], port: int, log_path: str, limit: float = 240.0) -> subprocess.Popen:
-    """Start a server (its own process group, its output in ``log_path``) and wait until ``/health`` answers 200.
+def launch(command: list[str], log_path: str) -> subprocess.Popen:
+    """Start a server in its own process group, its output in ``log_path``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "examples")]), HF_HUB_OFFLINE="1")
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_ready(process: subprocess.Popen, port: int, log_path: str, limit: float = 240.0) -> None:
+    """Wait until the server answers ``/health`` with 200.
 
     LitServe keeps its HTTP side up when an inference worker dies (say, unpickling the API failed), so a worker's
     traceback in the log fails the start at once, with the log's tail, instead of waiting out ``limit``."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "examples")]), HF_HUB_OFFLINE="1")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
     deadline, problem = time.monotonic() + limit, f"did not answer /health within {limit:.0f} s"
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -163,14 +167,20 @@ def start(command: list[str], port: int, log_path: str, limit: float = 240.0) ->
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             connection.request("GET", "/health")
             if connection.getresponse().status == 200:
-                return process
+                return
         except OSError:
             pass
         time.sleep(0.3)
     stop(process)
     with open(log_path, "rb") as log:
         tail = log.read()[-3000:].decode(errors="replace")
-    raise RuntimeError(f"the server {command} {problem}; its output ends with:\n{tail}")
+    raise RuntimeError(f"the server {process.args} {problem}; its output ends with:\n{tail}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -285,15 +295,24 @@ def main() -> None:
             "T LoRAs": [sys.executable, __file__, "--lora_server", f"{tmp}/bundle", f"{tmp}/loras"],
         }
         results, probe = {}, {"inputs": texts[0], "preference": [0.3, 0.7]}
-        for name, command in modes.items():
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+        servers = {}  # name: (process, port, log)
+
+        def open_server(name: str) -> None:
+            port, log = free_port(), f"{tmp}/{name.replace(' ', '_')}.log"
             flags = [str(port)] if name == "T LoRAs" else ["--port", str(port)]
-            started = time.perf_counter()
-            process = start(command + flags, port, f"{tmp}/{name.replace(' ', '_')}.log")
-            print(f"{name:>15}: serving after {time.perf_counter() - started:.1f} s", flush=True)
-            try:
+            servers[name] = (launch(modes[name] + flags, log), port, log)
+
+        try:
+            if args.quick:  # a smoke test: the three servers start together (its numbers are not comparable)
+                for name in modes:
+                    open_server(name)
+            for name in modes:
+                started = time.perf_counter()
+                if name not in servers:  # the real run: one server on the machine at a time
+                    open_server(name)
+                process, port, log = servers[name]
+                wait_ready(process, port, log)
+                print(f"{name:>15}: serving after {time.perf_counter() - started:.1f} s", flush=True)
                 status, body = post(port, probe)
                 if status != 200:
                     raise RuntimeError(f"{name}: the probe request failed: {body}")
@@ -309,7 +328,9 @@ def main() -> None:
                         f"load {cell['load_1min']:.1f}",
                         flush=True,
                     )
-            finally:
+                stop(process)
+        finally:
+            for process, _, _ in servers.values():
                 stop(process)
     difference = max(
         (torch.tensor(results["T LoRAs"]["probe"][t]) - torch.tensor(results["palora batched"]["probe"][t]))
