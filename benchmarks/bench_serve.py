@@ -9,15 +9,18 @@ one short sentence at a time over loopback HTTP to a server subprocess. Three se
 * ``T LoRAs``: the same trade-offs served as T plain PEFT LoRA adapters (the bundle exported with
   ``export_task_loras_from_bundle``), the same LitServe batching; a request at preference lambda needs the mixed
   adapter ``add_weighted_adapter(tasks, weights=lambda, combination_type="cat")`` (built once per distinct
-  preference and cached, exactly PaLoRA's model at lambda; checked against the PaLoRA server's answer), and a batch
-  runs as ONE forward with PEFT's mixed-adapter inference ``adapter_names=[...]`` (a sub-batch per distinct adapter
+  preference and cached, exactly PaLoRA's model at lambda: the server checks it against the PaLoRA model at start,
+  and the benchmark against the PaLoRA server's answer; every client's mix is built in the warm-up, the time to
+  build one is reported apart as ``lora_mix_build_ms``), and a batch runs as ONE forward with PEFT's mixed-adapter inference ``adapter_names=[...]`` (a sub-batch per distinct adapter
   in every LoRA layer). Mixing the T adapters' *outputs* would not be the same model and is not measured.
 
 Model: all-MiniLM-L6-v2 (offline) with PaLoRA on query/value (T=2, r=4, random adapters), mean pooling and two heads.
-Clients and servers share the machine's cores; the numbers include JSON and HTTP on both sides.
+Clients and servers share the machine's cores; the numbers include JSON and HTTP on both sides. Servers run one
+torch thread each by default (``--threads``): on a busy machine a 2-thread forward keeps waiting for its descheduled
+thread (we saw a single request take 0.05 to 1 s that way, 10 to 50 ms with one thread).
 
     python benchmarks/bench_serve.py            # ~3 minutes, writes benchmarks/results/bench_serve.json
-    python benchmarks/bench_serve.py --quick    # 1 and 4 clients, 1 s each (smoke test)
+    python benchmarks/bench_serve.py --quick    # 1 and 4 clients, 1 s each, the servers started together (smoke test)
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ class TaskLorasAPI(PaLoRAAPI):
     would not exist in the worker, the worker dies unpickling it and the server never becomes healthy).
     """
 
-    def __init__(self, bundle, loras, **batching):
-        super().__init__(bundle, base="minilm", max_length=32, threads=2, **batching)
+    def __init__(self, bundle, loras, threads, **batching):
+        super().__init__(bundle, base="minilm", max_length=32, threads=threads, **batching)
         self.loras = loras
 
     def setup(self, device):
@@ -112,9 +115,9 @@ class TaskLorasAPI(PaLoRAAPI):
         return [(row, len(samples)) for row in split_rows(outputs, len(samples))]
 
 
-def lora_server(bundle: str, loras: str, port: str) -> None:
+def lora_server(bundle: str, loras: str, port: str, threads: str) -> None:
     """The T-LoRA server's process: LitServer as examples/serve.py builds it, with :class:`TaskLorasAPI`."""
-    api = TaskLorasAPI(bundle, loras, max_batch_size=32, batch_timeout=0.005)
+    api = TaskLorasAPI(bundle, loras, int(threads), max_batch_size=32, batch_timeout=0.005)
     server = ls.LitServer(
         api, accelerator="cpu", timeout=30.0, middlewares=[(JSONBodyGuard, {"max_body_bytes": 8 * 2**20})]
     )
@@ -225,14 +228,14 @@ def run_clients(port: int, clients: int, duration: float, texts: list[str]) -> d
     return {"rps": sum(counts) / (time.perf_counter() - start_time), "mean_batch": sum(batches) / max(len(batches), 1)}
 
 
-def time_mixing(loras: str, count: int = 5) -> float:
+def time_mixing(loras: str, threads: int, count: int = 5) -> float:
     """Milliseconds to build one cat-mixed adapter (``add_weighted_adapter``): the T-LoRA server's cost per new
     preference (PaLoRA's is nil: the preference is a forward argument). Median of ``count`` preferences."""
     from peft import PeftModel
     from recipes import minilm_path
     from transformers import AutoModel
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     lora = PeftModel.from_pretrained(AutoModel.from_pretrained(minilm_path()), f"{loras}/{TASKS[0]}", TASKS[0])
     for task in TASKS[1:]:
         lora.load_adapter(f"{loras}/{task}", adapter_name=task)
@@ -255,6 +258,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds of load per cell")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per server (on a busy machine a multi-threaded forward waits for its slowest thread)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 and 4 clients, 1 s each (smoke test)")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "bench_serve.json"))
     args = parser.parse_args()
@@ -277,7 +286,7 @@ def main() -> None:
         heads = linear_heads(base.config.hidden_size, {"sentiment": 2, "topic": 4})
         MultiTaskModel(get_peft_model(base, config), heads, pooling="mean").save_pretrained(f"{tmp}/bundle")
         export_task_loras_from_bundle(f"{tmp}/bundle", f"{tmp}/loras", base=minilm_path())
-        mix_ms = time_mixing(f"{tmp}/loras", count=3 if args.quick else 5)
+        mix_ms = time_mixing(f"{tmp}/loras", args.threads, count=3 if args.quick else 5)
         print(f"building one cat-mixed adapter (add_weighted_adapter): {mix_ms:.1f} ms", flush=True)
         serve = [
             sys.executable,
@@ -287,7 +296,7 @@ def main() -> None:
             "--base",
             "minilm",
             "--threads",
-            "2",
+            str(args.threads),
         ]
         modes = {
             "one at a time": serve + ["--max_batch_size", "1"],
@@ -299,7 +308,7 @@ def main() -> None:
 
         def open_server(name: str) -> None:
             port, log = free_port(), f"{tmp}/{name.replace(' ', '_')}.log"
-            flags = [str(port)] if name == "T LoRAs" else ["--port", str(port)]
+            flags = [str(port), str(args.threads)] if name == "T LoRAs" else ["--port", str(port)]
             servers[name] = (launch(modes[name] + flags, log), port, log)
 
         try:
@@ -361,7 +370,7 @@ def main() -> None:
             "load_avg_before": load_before,
             "load_avg_after": os.getloadavg(),
             "nice": os.nice(0),
-            "torch_threads_per_server": 2,
+            "torch_threads_per_server": args.threads,
             "note": "shared machine: clients, servers and other users' jobs on the same cores",
         }
         with open(args.out, "w", encoding="utf-8") as handle:
@@ -372,6 +381,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if "--lora_server" in sys.argv:
-        lora_server(*sys.argv[sys.argv.index("--lora_server") + 1 :][:3])
+        lora_server(*sys.argv[sys.argv.index("--lora_server") + 1 :][:4])
     else:
         main()
