@@ -64,7 +64,7 @@ def _leaf_to_float(value, name: str, given: _Given | None = None) -> float:
         except OverflowError:  # an int (or Fraction, Decimal) beyond the float range: not a finite preference
             text = str(value)
             shown = text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
-            raise ValueError(f"{name} must be finite, got {shown}, which is beyond the float range.") from None
+            raise ValueError(f"{name} must be finite, got {shown}, which is too large (beyond the float range).") from None
     raise TypeError(f"{name} must contain numbers, got {type(value).__name__} ({value!r}).")
 
 
