@@ -560,8 +560,34 @@ def render_alignment(root: Path) -> str:
         rows, "lrrrrrr",
     )
 
+def render_serve(root: Path) -> str:
+    data = load(root, RESULTS / "bench_serve.json")
+    machine, rows = data["machine"], []
+    for clients, cell in sorted(data["cells"].items(), key=lambda item: int(item[0])):
+        one, batched, loras = cell["one at a time"]["rps"], cell["palora batched"]["rps"], cell["T LoRAs"]["rps"]
+        rows.append([
+            clients, f"{one:.1f}", f"{batched:.1f} ({batched / one:.2f}x)", f"{loras:.1f} ({loras / one:.2f}x)",
+            f"{batched / loras:.2f}x", f"{cell['palora batched']['mean_batch']:.1f}",
+        ])
+    intro = (
+        "`examples/serve.py` on LitServe, all-MiniLM-L6-v2 with PaLoRA on query/value (T=2, r=4), short sentences, "
+        f"closed-loop clients each with its own preference, {machine['torch_threads_per_server']} torch thread per "
+        f"server, `nice -n {machine['nice']}`; load average {machine['load_avg_before'][0]:.1f}-"
+        f"{machine['load_avg_after'][0]:.1f} on {machine['cpu_count']} shared cores, so read the ratios as rough "
+        "(`python benchmarks/bench_serve.py`, `benchmarks/results/bench_serve.json`). Requests per second. \"T LoRAs\" "
+        "serves the same trade-offs with plain PEFT: the exported task LoRAs, one `add_weighted_adapter(..., "
+        f"combination_type=\"cat\")` per distinct preference ({data['lora_mix_build_ms']:.0f} ms each, cached) and "
+        f"PEFT's mixed-adapter batches; its answers equal PaLoRA's to {data['max_abs_difference_lora_vs_palora']:.1e}."
+    )
+    return intro + "\n\n" + table(
+        ["clients", "one request at a time", "PaLoRA, batched", "T LoRAs, batched", "PaLoRA / T LoRAs",
+         "mean PaLoRA batch"],
+        rows, "rrrrrr",
+    )
+
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "serve": render_serve,
     "compile": render_compile,
     "alignment": render_alignment,
     "llm-scale": render_llm_scale,
