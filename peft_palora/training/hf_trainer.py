@@ -55,6 +55,7 @@ from peft_palora.training.core import (
 from peft_palora.training.multitask import MultiTaskModel
 from peft_palora.training.window import LossFn, PaLoRAArguments, PreferenceWindow, check_palora_arguments
 from peft_palora.utils.atomic import atomic_write_text
+from peft_palora.utils.checks import check_int
 from peft_palora.utils.json_files import read_json
 
 logger = logging.getLogger(__name__)
@@ -430,8 +431,8 @@ class FrontEvaluationCallback(TrainerCallback):
             raise ValueError(f"`metric` must be 'accuracy' or 'loss', got {metric!r}.")
         if metric == "loss" and reference is None:
             raise ValueError('`metric="loss"` needs a `reference` point (the worst loss per task worth counting).')
-        if points_per_side is not None and (not isinstance(points_per_side, int) or points_per_side < 2):
-            raise ValueError(f"`points_per_side` must be an int >= 2, got {points_per_side!r}.")
+        if points_per_side is not None:
+            check_int(points_per_side, "`points_per_side`", minimum=2)
         self.preferences = preferences
         self.points_per_side = points_per_side
         self.metric = metric

@@ -161,10 +161,10 @@ _INT_ARGUMENTS = {
 }
 # name -> (smallest allowed value, whether that value itself is allowed); every value must be finite
 _REAL_ARGUMENTS = {
-    "learning_rate": (0.0, False),
-    "weight_decay": (0.0, True),
-    "num_train_epochs": (0.0, True),
-    "max_grad_norm": (0.0, True),
+    "learning_rate": (0, False),
+    "weight_decay": (0, True),
+    "num_train_epochs": (0, True),
+    "max_grad_norm": (0, True),
 }
 _OPTIONAL_ARGUMENTS = ("checkpointing_steps", "max_grad_norm")
 
