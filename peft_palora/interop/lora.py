@@ -11,9 +11,7 @@ Only safetensors files are read or written; nothing is unpickled.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import numbers
 import os
 import re
 import warnings
@@ -42,6 +40,8 @@ from peft_palora.tuner.conversion import (
     export_task_loras,
 )
 from peft_palora.tuner.layer import ConvNd, Embedding, Linear
+from peft_palora.utils.checks import check_int, check_positive
+from peft_palora.utils.json_files import read_json
 
 __all__ = ["export_lora", "export_lora_from_bundle", "from_lora_adapters"]
 
@@ -232,17 +232,9 @@ class _LoraLayerFactors:
 def _read_lora_bundle(task: str, path: str, model: nn.Module) -> tuple[dict[str, Any], dict[str, _LoraLayerFactors]]:
     """The config and per-layer factors of one LoRA bundle, after checking PaLoRA can represent it on `model`."""
     where = f"LoRA bundle {path!r} (task {task!r})"
-    config_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{where}: no {CONFIG_NAME}.")
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{where}: {config_path} is not valid JSON: {error}") from error
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{where} is not a LoRA bundle: peft_type is {found!r}, expected 'LORA'.")
+    config = read_json(os.path.join(path, CONFIG_NAME), what=f"{where}: config")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{where} is not a LoRA bundle: peft_type is {config.get('peft_type')!r}, expected 'LORA'.")
     _check_lora_features(where, config)
 
     weights_path = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
@@ -359,9 +351,11 @@ def _check_lora_features(where: str, config: Mapping[str, Any]) -> None:
 
 
 def _positive_finite(value: Any, integer: bool) -> bool:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+    try:
+        check_int(value, "", minimum=1) if integer else check_positive(value, "")
+    except (TypeError, ValueError):
         return False
-    return math.isfinite(value) and value > 0
+    return True
 
 
 def _expected_shapes(where, path, base, rank, embedding):
@@ -472,8 +466,7 @@ def from_lora_adapters(model: nn.Module, adapters: Mapping[str, str | os.PathLik
             )
 
     min_rank = config_overrides.pop("r", 1)
-    if isinstance(min_rank, bool) or not isinstance(min_rank, numbers.Integral) or min_rank < 1:
-        raise ValueError(f"`r` must be a positive int (the minimum rank per task adapter), got {min_rank!r}.")
+    check_int(min_rank, "`r` (the minimum rank per task adapter)", minimum=1)
     ranks = {path: max(int(min_rank), *(factors[path].a.shape[0] for _, factors in bundles)) for path in layer_paths}
     r = _most_common(list(ranks.values()))
     rank_pattern = {_anchored(path): rank for path, rank in ranks.items() if rank != r}

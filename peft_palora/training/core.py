@@ -31,7 +31,7 @@ from torch import nn
 from peft_palora.fronts.evaluation import MetricFn, accuracy, evaluate_front, evaluate_front_batched
 from peft_palora.training.multitask import MultiTaskModel, uses_batch_statistics
 from peft_palora.training.optimization import adapter_param_groups
-from peft_palora.training.window import PreferenceWindow, check_same_run, window_step
+from peft_palora.training.window import PreferenceWindow, window_step
 from peft_palora.utils.json_files import read_json
 
 
@@ -155,11 +155,41 @@ def json_ready(value: Any) -> Any:
     return repr(value)
 
 
+def run_changes(stored: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{field: (stored value, current value)}`` for every field of two JSON-ready run definitions that differs
+    (nested dicts are compared field by field, named ``outer.inner``; a field present on one side only counts)."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(stored) | set(current), key=str):
+        name = f"{prefix}{key}"
+        old, new = stored.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            changes.update(run_changes(old, new, prefix=f"{name}."))
+        elif old != new:
+            changes[name] = (old, new)
+    return changes
+
+
 def check_resume(
     stored: Mapping[str, Any], current: Mapping[str, Any], checkpoint: str, allow_changed_arguments: bool, logger: Any
 ) -> dict[str, tuple[Any, Any]]:
-    """:func:`~peft_palora.training.window.check_same_run` on the JSON forms of both definitions."""
-    return check_same_run(json_ready(stored), json_ready(current), checkpoint, allow_changed_arguments, logger)
+    """Refuse to resume from ``checkpoint`` when the run it was saved by differs from this one (compared in their
+    JSON forms, :func:`json_ready`).
+
+    Raises a ValueError naming every changed field (``name: old -> new``) unless ``allow_changed_arguments``; then
+    the changes are logged as a warning and returned.
+    """
+    changes = run_changes(json_ready(stored), json_ready(current))
+    if not changes:
+        return changes
+    listing = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
+    if not allow_changed_arguments:
+        raise ValueError(
+            f"cannot resume from {checkpoint!r}: this run differs from the one that saved it ({listing}), so the "
+            "resumed run would not be the uninterrupted one. Restore those arguments, or pass "
+            "allow_changed_arguments=True to resume anyway with the new values."
+        )
+    logger.warning("resuming from %s with changed arguments (old -> new): %s", checkpoint, listing)
+    return changes
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -48,13 +48,16 @@ from peft_palora.training.core import (
     check_resume,
     compute_front,
     dataset_size,
+    eval_mode,
     per_sample_front_applies,
     process_reducer,
     run_definition,
+    shard_batches,
 )
 from peft_palora.training.multitask import MultiTaskModel
 from peft_palora.training.window import LossFn, PaLoRAArguments, PreferenceWindow, check_palora_arguments
 from peft_palora.utils.atomic import atomic_write_text
+from peft_palora.utils.checks import check_int
 from peft_palora.utils.json_files import read_json
 
 logger = logging.getLogger(__name__)
@@ -257,8 +260,6 @@ class PaLoRAHFTrainer(Trainer):
 
     def _evaluate_at(self, dataloader: Any, preference: Any = None) -> dict[str, float]:
         """Each task's loss and metrics over ``dataloader`` at ``preference``, gathered from every process."""
-        from peft_palora.training.core import eval_mode
-
         model = self.accelerator.unwrap_model(self.model)
         with eval_mode(model):
             return evaluate_multitask(
@@ -430,8 +431,8 @@ class FrontEvaluationCallback(TrainerCallback):
             raise ValueError(f"`metric` must be 'accuracy' or 'loss', got {metric!r}.")
         if metric == "loss" and reference is None:
             raise ValueError('`metric="loss"` needs a `reference` point (the worst loss per task worth counting).')
-        if points_per_side is not None and (not isinstance(points_per_side, int) or points_per_side < 2):
-            raise ValueError(f"`points_per_side` must be an int >= 2, got {points_per_side!r}.")
+        if points_per_side is not None:
+            check_int(points_per_side, "`points_per_side`", minimum=2)
         self.preferences = preferences
         self.points_per_side = points_per_side
         self.metric = metric
@@ -452,11 +453,7 @@ class FrontEvaluationCallback(TrainerCallback):
         if preferences is None:
             points = self.points_per_side or getattr(args, "eval_points_per_side", None) or 11
             preferences = simplex_grid(len(task_names), points)
-        device = next(model.parameters()).device
-
-        def batches():
-            return ({key: _to(value, device) for key, value in batch.items()} for batch in eval_dataloader)
-
+        batches = functools.partial(shard_batches, eval_dataloader, 0, 1, next(model.parameters()).device)
         state_ = PartialState()  # the Trainer's: each process evaluates its part of the eval set
         front = compute_front(
             model,
@@ -474,6 +471,3 @@ class FrontEvaluationCallback(TrainerCallback):
             metrics["eval_front_hypervolume"] = volume
         return control
 
-
-def _to(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, torch.Tensor) else value

@@ -44,9 +44,7 @@ def linear_heads_like_saved(save_directory: str) -> nn.ModuleDict:
     """Linear heads with the shapes stored in ``save_directory/task_heads.safetensors`` (weights not loaded)."""
     from safetensors import safe_open
 
-    path = os.path.join(save_directory, TASK_HEADS_FILENAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No {TASK_HEADS_FILENAME} in {save_directory!r}; was it saved by MultiTaskModel?")
+    path = _task_heads_path(save_directory)
     with safe_open(path, framework="pt") as handle:
         task_names = json.loads((handle.metadata() or {}).get("task_names", "[]"))
         shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
@@ -102,9 +100,20 @@ def load_task_heads(heads: nn.ModuleDict, save_directory: str) -> nn.ModuleDict:
 
     Everything is checked before anything is copied, so a mismatching file leaves ``heads`` untouched.
     """
+    heads.load_state_dict(_read_task_heads(heads, save_directory), strict=True)
+    return heads
+
+
+def _task_heads_path(save_directory: str) -> str:
     path = os.path.join(save_directory, TASK_HEADS_FILENAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No {TASK_HEADS_FILENAME} in {save_directory!r}; was it saved by MultiTaskModel?")
+    return path
+
+
+def _read_task_heads(heads: nn.ModuleDict, save_directory: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``task_heads.safetensors``, checked to fit ``heads`` (same keys, same shapes)."""
+    path = _task_heads_path(save_directory)
     state = load_file(path)
     expected = heads.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -113,9 +122,11 @@ def load_task_heads(heads: nn.ModuleDict, save_directory: str) -> nn.ModuleDict:
         raise ValueError(f"{path} does not match the heads: missing {missing}, unexpected {unexpected}.")
     for key, value in sorted(state.items()):
         if value.shape != expected[key].shape:
-            raise ValueError(f"{path}: `{key}` has shape {tuple(value.shape)}, the head {tuple(expected[key].shape)}.")
-    heads.load_state_dict(state, strict=True)
-    return heads
+            raise ValueError(
+                f"{path} does not match the heads: `{key}` has shape {tuple(value.shape)}, the head "
+                f"{tuple(expected[key].shape)}."
+            )
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -159,16 +170,11 @@ def detect_pooling(model: nn.Module) -> tuple[str, str]:
                 modes = read_json(pooling_config, what="sentence-transformers pooling config")
             except ValueError:  # a damaged pooling config is only a hint lost: fall back to mean pooling
                 modes = {}
+            where = f"sentence-transformers checkpoint {name!r}: its 1_Pooling/config.json uses"
             if modes.get("pooling_mode_cls_token") and not modes.get("pooling_mode_mean_tokens"):
-                return (
-                    "cls",
-                    f"sentence-transformers checkpoint {name!r}: its 1_Pooling/config.json uses the CLS token",
-                )
+                return "cls", f"{where} the CLS token"
             if modes.get("pooling_mode_mean_tokens"):
-                return (
-                    "mean",
-                    f"sentence-transformers checkpoint {name!r}: its 1_Pooling/config.json uses mean pooling",
-                )
+                return "mean", f"{where} mean pooling"
             return "mean", f"sentence-transformers checkpoint {name!r} (pooling config without mean/CLS; mean used)"
         for filename in _SENTENCE_TRANSFORMERS_FILES:
             if _checkpoint_file(name, filename) is not None:
@@ -394,8 +400,7 @@ class MultiTaskModel(nn.Module):
 
         # Given this model (not its backbone), a refusal names what works for a MultiTaskModel.
         result = export_lora(self, save_directory, preference=preference, **kwargs)
-        save_task_heads(self.heads, save_directory)
-        self._write_multitask_config(save_directory)
+        self._write_heads_and_config(save_directory)
         return result
 
     def export_task_loras(self, save_directory: str, **kwargs: Any) -> Any:
@@ -404,8 +409,7 @@ class MultiTaskModel(nn.Module):
         from peft_palora.tuner.conversion import export_task_loras
 
         result = export_task_loras(self, save_directory, **kwargs)
-        save_task_heads(self.heads, save_directory)
-        self._write_multitask_config(save_directory)
+        self._write_heads_and_config(save_directory)
         return result
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> MergedMultiTaskModel:
@@ -468,7 +472,8 @@ class MultiTaskModel(nn.Module):
         return {task: head(features) for task, head in self.heads.items()}
 
     # ---- saving and loading -------------------------------------------------------------------------------------
-    def _write_multitask_config(self, save_directory: str) -> None:
+    def _write_heads_and_config(self, save_directory: str) -> None:
+        save_task_heads(self.heads, save_directory)
         metadata = {
             "task_names": self.task_names,
             "label_columns": self.label_columns,
@@ -488,8 +493,7 @@ class MultiTaskModel(nn.Module):
         with atomic_directory(os.fspath(save_directory)) as staging:
             carry_into_staging(os.fspath(save_directory), staging, "README.md")  # PEFT updates the card in place
             self.backbone.save_pretrained(staging, **kwargs)  # writes straight into the enclosing staging folder
-            save_task_heads(self.heads, staging)
-            self._write_multitask_config(staging)
+            self._write_heads_and_config(staging)
 
     def _extra_trainable(self) -> dict[str, torch.Tensor]:
         """Trainable backbone tensors that the PEFT bundle does not hold (e.g. base weights unfrozen by hand)."""
@@ -529,13 +533,7 @@ class MultiTaskModel(nn.Module):
             raise FileNotFoundError(f"{save_directory!r} is not a folder.")
         adapter = self.backbone.active_adapter
         weights = load_peft_weights(save_directory, device="cpu")
-        heads_path = os.path.join(save_directory, TASK_HEADS_FILENAME)
-        if not os.path.isfile(heads_path):
-            raise FileNotFoundError(f"No {TASK_HEADS_FILENAME} in {save_directory!r}; was it saved by MultiTaskModel?")
-        heads_state = load_file(heads_path)
-        expected = self.heads.state_dict()
-        if set(heads_state) != set(expected) or any(heads_state[k].shape != expected[k].shape for k in expected):
-            raise ValueError(f"{heads_path} does not match the heads of this model.")
+        heads_state = _read_task_heads(self.heads, save_directory)
         extra_path = os.path.join(save_directory, EXTRA_TRAINABLE_FILENAME)
         extra = load_file(extra_path) if os.path.isfile(extra_path) else {}
         parameters = dict(self.backbone.named_parameters())
@@ -617,6 +615,8 @@ class MergedMultiTaskModel(nn.Module):
     def task_names(self) -> list[str]:
         return list(self._task_names)
 
+    model_inputs = MultiTaskModel.model_inputs
+
     def forward(self, **batch: Any) -> dict[str, torch.Tensor]:
         """Every head on the pooled features of the merged backbone; label columns in ``batch`` are ignored."""
         if "preference" in batch:
@@ -624,8 +624,7 @@ class MergedMultiTaskModel(nn.Module):
                 "this model was merged at one preference and cannot take `preference=`; keep the MultiTaskModel "
                 "(not merged) to change the trade-off per call."
             )
-        labels = set(self.label_columns.values())
-        inputs = {key: value for key, value in batch.items() if key not in labels}
+        inputs = self.model_inputs(batch)
         features = pool_features(self.backbone(**inputs), inputs, self.pooling)
         return {task: head(features) for task, head in self.heads.items()}
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 from torch import nn
 
 from peft_palora.tuner.layer import PaLoRALayer
+from peft_palora.utils.checks import check_positive, check_real
 
 
 def adapter_param_groups(
@@ -32,15 +31,11 @@ def adapter_param_groups(
     Returns:
         A list of param-group dicts for `torch.optim` (empty groups left out).
     """
-    for name, value, minimum in (("lr", lr, None), ("weight_decay", weight_decay, 0.0),
-                                 ("adapter_lr_multiplier", adapter_lr_multiplier, None)):
-        if value is None and name == "adapter_lr_multiplier":
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r}).")
-        if not math.isfinite(value) or (value < minimum if minimum is not None else value <= 0):
-            bound = f">= {minimum}" if minimum is not None else "positive"
-            raise ValueError(f"`{name}` must be {bound} and finite, got {value}.")
+    if check_real(lr, "`lr`") <= 0:
+        raise ValueError(f"`lr` must be positive, got {lr}.")
+    check_real(weight_decay, "`weight_decay`", minimum=0)
+    if adapter_lr_multiplier is not None:
+        check_positive(adapter_lr_multiplier, "`adapter_lr_multiplier`")
     adapter_params, other_params, num_tasks = [], [], set()
     seen: set[int] = set()
     for module in model.modules():

@@ -161,26 +161,21 @@ _INT_ARGUMENTS = {
 }
 # name -> (smallest allowed value, whether that value itself is allowed); every value must be finite
 _REAL_ARGUMENTS = {
-    "learning_rate": (0.0, False),
-    "weight_decay": (0.0, True),
-    "num_train_epochs": (0.0, True),
-    "max_grad_norm": (0.0, True),
+    "learning_rate": (0, False),
+    "weight_decay": (0, True),
+    "num_train_epochs": (0, True),
+    "max_grad_norm": (0, True),
 }
 _OPTIONAL_ARGUMENTS = ("checkpointing_steps", "max_grad_norm")
 
 
-def _has_accelerator_device() -> bool:
-    """Whether torch sees a GPU-like device. Without one the trainer's Accelerator is created with ``cpu=True``, which
-    is what lets ``accelerate launch --multi_gpu --num_processes N`` run N CPU processes (gloo) on a GPU-less machine.
+def use_cpu(args: PaLoRATrainingArguments) -> bool:
+    """Whether the trainer's Accelerator runs on the CPU: ``args.use_cpu``, or no GPU-like device. ``cpu=True`` is
+    what lets ``accelerate launch --multi_gpu --num_processes N`` run N CPU processes (gloo) on a GPU-less machine.
     """
     from accelerate.utils import is_mps_available, is_xpu_available
 
-    return torch.cuda.is_available() or is_xpu_available() or is_mps_available()
-
-
-def use_cpu(args: PaLoRATrainingArguments) -> bool:
-    """Whether the trainer's Accelerator runs on the CPU: ``args.use_cpu``, or no GPU-like device."""
-    return bool(args.use_cpu) or not _has_accelerator_device()
+    return bool(args.use_cpu) or not (torch.cuda.is_available() or is_xpu_available() or is_mps_available())
 
 
 def distributed_state(args: PaLoRATrainingArguments) -> PartialState:
@@ -294,17 +289,12 @@ class PaLoRATrainer:
             raise TypeError(f"`train_dataloader` must be a torch DataLoader, got {type(train_dataloader).__name__}.")
         if eval_dataloader is not None and not isinstance(eval_dataloader, DataLoader):
             raise TypeError(f"`eval_dataloader` must be a torch DataLoader, got {type(eval_dataloader).__name__}.")
-        if preference_sampler is not None and not isinstance(preference_sampler, PreferenceSampler):
-            raise TypeError(
-                f"`preference_sampler` must be a PreferenceSampler, got {type(preference_sampler).__name__}."
-            )
-        if objective is not None and not isinstance(objective, MultiTaskObjective):
-            raise TypeError(f"`objective` must be a MultiTaskObjective, got {type(objective).__name__}.")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         self.args = args
         self.task_names = model.task_names
-        # sampling, expanding and combining: the same object as in the transformers.Trainer integration
+        # sampling, expanding and combining (and checking `preference_sampler`, `objective`, `loss_fns`): the same
+        # object as in the transformers.Trainer integration
         self.window = PreferenceWindow.from_arguments(
             args, model, preference_sampler=preference_sampler, objective=objective, loss_fns=loss_fns
         )
@@ -564,7 +554,7 @@ class PaLoRATrainer:
             num_processes=self.accelerator.num_processes,
             dataset_size=dataset_size(getattr(self.train_dataloader, "dataset", None)),
             batches_per_epoch=len(self.train_dataloader),
-            optimizer={"type": type(_unwrap_optimizer(self.optimizer)).__name__, "param_groups": groups},
+            optimizer={"type": type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__, "param_groups": groups},
         )
 
     def _trainer_state(self, running_stats: dict[str, Any]) -> dict[str, Any]:
@@ -654,13 +644,9 @@ class PaLoRATrainer:
             path, required=["model.safetensors", "optimizer.bin", f"random_states_{self.accelerator.process_index}.pkl"]
         )
         state = read_json(state_path, what="trainer state")
-        current = self.run_definition()
-        if "run" in state:
-            changes = check_resume(state["run"], current, path, allow_changed_arguments, logger)
-        else:  # a checkpoint of an earlier version stored the schedule length only
-            changes = check_resume(
-                {"max_steps": state["max_steps"]}, {"max_steps": self.max_steps}, path, allow_changed_arguments, logger
-            )
+        if "run" not in state:
+            raise ValueError(f"{state_path!r} holds no run definition: it is not a PaLoRATrainer checkpoint.")
+        changes = check_resume(state["run"], self.run_definition(), path, allow_changed_arguments, logger)
         fresh_groups = [
             {key: value for key, value in group.items() if key != "params"} for group in self.optimizer.param_groups
         ]
@@ -682,9 +668,8 @@ class PaLoRATrainer:
         )
         self.log_history = list(state.get("log_history", []))
         self._running = _RunningStats(self.task_names)
-        if "running_stats" in state:  # absent from checkpoints of earlier versions
-            self._running.load_state_dict(state["running_stats"])
-        self._loss_sum, self._loss_count = float(state.get("loss_sum", 0.0)), int(state.get("loss_count", 0))
+        self._running.load_state_dict(state["running_stats"])
+        self._loss_sum, self._loss_count = float(state["loss_sum"]), int(state["loss_count"])
 
     def _apply_new_hyperparameters(self, fresh_groups: list[dict[str, Any]]) -> None:
         """After an allowed changed resume: this run's group hyperparameters replace the checkpoint's, and the
@@ -713,10 +698,6 @@ class PaLoRATrainer:
             scheduler._last_lr = [group["lr"] for group in groups]
 
 
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    return getattr(optimizer, "optimizer", optimizer)
-
-
 class _RunningStats:
     """Sums of the logged quantities between two logging steps."""
 
@@ -733,10 +714,12 @@ class _RunningStats:
         self.consistency += float(output.consistency)
         self.task_losses += output.task_losses.detach().double().mean(dim=0).cpu()
 
+    def _sums(self) -> torch.Tensor:
+        return torch.cat([torch.tensor([self.loss, self.consistency], dtype=torch.float64), self.task_losses])
+
     def state_dict(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
         """JSON-ready sums, reduced over the processes (Python floats round-trip through JSON exactly)."""
-        values = torch.cat([torch.tensor([self.loss, self.consistency], dtype=torch.float64), self.task_losses])
-        values = reduce_fn(values).double().cpu().tolist()
+        values = reduce_fn(self._sums()).double().cpu().tolist()
         return {"count": self.count, "loss": values[0], "consistency": values[1], "task_losses": values[2:]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -751,11 +734,7 @@ class _RunningStats:
         self.task_losses = torch.tensor(state["task_losses"], dtype=torch.float64)
 
     def summary(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-        count = max(self.count, 1)
-        values = (
-            torch.cat([torch.tensor([self.loss, self.consistency], dtype=torch.float64), self.task_losses]) / count
-        )
-        values = reduce_fn(values.float()).double().cpu()
+        values = reduce_fn((self._sums() / max(self.count, 1)).float()).double().cpu()
         logs = {"train/loss": float(values[0]), "train/consistency": float(values[1])}
         for index, task in enumerate(self.task_names):
             logs[f"train/loss_{task}"] = float(values[2 + index])
@@ -764,9 +743,6 @@ class _RunningStats:
 
 def _tracker_config(args: PaLoRATrainingArguments) -> dict[str, Any]:
     """Tracker-friendly copy of the arguments (numbers, strings and bools only)."""
-    config = {}
-    for key, value in dataclasses.asdict(args).items():
-        config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return config
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in dataclasses.asdict(args).items()}
 
 

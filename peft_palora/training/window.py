@@ -17,8 +17,6 @@ fields of :class:`PaLoRAArguments`, so the two cannot drift apart.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +29,7 @@ from peft_palora.fronts.evaluation import LossFn
 from peft_palora.objectives import BALANCING_CHOICES, MultiTaskObjective, ObjectiveOutput
 from peft_palora.preferences import AnnealedGridSampler, PreferenceSampler
 from peft_palora.training.multitask import repeat_batch
+from peft_palora.utils.checks import check_int, check_real
 
 WINDOW_MODES = ("auto", "batched", "sequential")
 
@@ -81,11 +80,11 @@ class PaLoRAArguments:
 
 _PALORA_INTS = {"window_size": 1, "eval_points_per_side": 2}
 _PALORA_REALS = {
-    "sampler_mul": (0.0, True),
-    "sampler_epsilon": (0.0, True),
-    "consistency_weight": (0.0, True),
-    "consistency_temperature": (0.0, False),
-    "adapter_lr_multiplier": (0.0, False),
+    "sampler_mul": (0, True),
+    "sampler_epsilon": (0, True),
+    "consistency_weight": (0, True),
+    "consistency_temperature": (0, False),
+    "adapter_lr_multiplier": (0, False),
 }
 
 
@@ -93,8 +92,7 @@ def check_int_argument(name: str, value: Any, minimum: int | None, optional: boo
     """Raise a TypeError/ValueError naming ``name`` unless ``value`` is an int ``>= minimum`` (or None if optional)."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
+    check_int(value, f"`{name}`")
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}{' or None' if optional else ''}, got {value}.")
 
@@ -103,12 +101,8 @@ def check_real_argument(name: str, value: Any, minimum: float, inclusive: bool, 
     """Raise a TypeError/ValueError naming ``name`` unless ``value`` is a finite number above ``minimum``."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r}).")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}.")
-    if value < minimum or (value == minimum and not inclusive):
-        raise ValueError(f"`{name}` must be {'>=' if inclusive else '>'} {minimum:g}, got {value}.")
+    check_real(value, f"`{name}`")
+    check_real(value, f"`{name}`", minimum=minimum, strict=not inclusive, finite=False)
 
 
 def check_palora_arguments(args: Any) -> None:
@@ -357,54 +351,3 @@ def _function_name(function: Any) -> str:
     module = getattr(function, "__module__", None) or ""
     name = getattr(function, "__qualname__", None) or type(function).__name__
     return f"{module}.{name}" if module else name
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# What defines a run, for resuming
-# ---------------------------------------------------------------------------------------------------------------------
-def run_changes(stored: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """``{field: (stored value, current value)}`` for every field of two run definitions that differs (nested
-    dicts are compared field by field, named ``outer.inner``; a field present on one side only counts as changed)."""
-    changes: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(stored) | set(current), key=str):
-        name = f"{prefix}{key}"
-        old, new = stored.get(key, "<absent>"), current.get(key, "<absent>")
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
-            changes.update(run_changes(old, new, prefix=f"{name}."))
-        elif _normalised(old) != _normalised(new):
-            changes[name] = (old, new)
-    return changes
-
-
-def _normalised(value: Any) -> Any:
-    # JSON turns tuples into lists and keeps floats exact; compare what a JSON round trip would give
-    if isinstance(value, (list, tuple)):
-        return [_normalised(item) for item in value]
-    return value
-
-
-def check_same_run(
-    stored: Mapping[str, Any],
-    current: Mapping[str, Any],
-    checkpoint: str,
-    allow_changed_arguments: bool = False,
-    logger: Any = None,
-) -> dict[str, tuple[Any, Any]]:
-    """Refuse to resume from ``checkpoint`` when the run it was saved by differs from this one.
-
-    Raises a ValueError naming every changed field (``name: old -> new``) unless ``allow_changed_arguments``; then
-    the changes are logged as a warning and returned.
-    """
-    changes = run_changes(stored, current)
-    if not changes:
-        return changes
-    listing = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
-    if not allow_changed_arguments:
-        raise ValueError(
-            f"cannot resume from {checkpoint!r}: this run differs from the one that saved it ({listing}), so the "
-            "resumed run would not be the uninterrupted one. Restore those arguments, or pass "
-            "allow_changed_arguments=True to resume anyway with the new values."
-        )
-    if logger is not None:
-        logger.warning("resuming from %s with changed arguments (old -> new): %s", checkpoint, listing)
-    return changes

@@ -25,8 +25,7 @@ from __future__ import annotations
 import contextvars
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import Any
 
@@ -35,6 +34,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from peft_palora.tuner.layer import Linear, _frozen_copy
+from peft_palora.utils.context import contextvar_scope
 
 _MERGE_WARNING = (
     "Merging PaLoRA adapters into a {kind} bitsandbytes layer dequantises its weight, adds delta(lambda) and "
@@ -57,14 +57,9 @@ _4BIT_MERGE_REFUSED = (
 _ALLOW_4BIT: contextvars.ContextVar[bool] = contextvars.ContextVar("palora_allow_4bit_requantization", default=False)
 
 
-@contextmanager
-def allow_4bit_requantization() -> Iterator[None]:
+def allow_4bit_requantization() -> AbstractContextManager[bool]:
     """Let merges inside the block requantise 4-bit layers (lossy: see the module notes), in this thread only."""
-    token = _ALLOW_4BIT.set(True)
-    try:
-        yield
-    finally:
-        _ALLOW_4BIT.reset(token)
+    return contextvar_scope(_ALLOW_4BIT, True)
 
 
 def check_merge_allowed(model: nn.Module) -> None:

@@ -15,7 +15,7 @@ import contextvars
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
@@ -23,6 +23,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from peft_palora.tuner.layer import PaLoRALayer
+from peft_palora.utils.context import contextvar_scope
 
 PALORA = "PALORA"
 _PEFT_PREFIX = "base_model.model."
@@ -152,15 +153,10 @@ _PENDING_MEANING_PROBLEM: contextvars.ContextVar[str | None] = contextvars.Conte
 )
 
 
-@contextmanager
-def pending_meaning_problem(problem: str | None) -> Iterator[None]:
+def pending_meaning_problem(problem: str | None) -> AbstractContextManager[str | None]:
     """Carry a metadata disagreement found before a load to the tuner's load check, which raises it once the
     tensors' shapes are known to fit (a shape mismatch is reported first, as the more specific error)."""
-    token = _PENDING_MEANING_PROBLEM.set(problem)
-    try:
-        yield
-    finally:
-        _PENDING_MEANING_PROBLEM.reset(token)
+    return contextvar_scope(_PENDING_MEANING_PROBLEM, problem)
 
 
 def raise_pending_meaning_problem() -> None:
@@ -233,13 +229,8 @@ def _ancestors(model: nn.Module, name: str) -> Iterator[nn.Module]:
 _IGNORE_MISMATCHED: contextvars.ContextVar[bool] = contextvars.ContextVar("palora_ignore_mismatched", default=False)
 
 
-@contextmanager
-def ignoring_mismatched_sizes(ignore: bool) -> Iterator[None]:
-    token = _IGNORE_MISMATCHED.set(ignore)
-    try:
-        yield
-    finally:
-        _IGNORE_MISMATCHED.reset(token)
+def ignoring_mismatched_sizes(ignore: bool) -> AbstractContextManager[bool]:
+    return contextvar_scope(_IGNORE_MISMATCHED, ignore)
 
 
 def mismatched_sizes_ignored() -> bool:

@@ -99,13 +99,11 @@ def _cell(value: Any) -> str:
         value = value.tolist()  # tensors, numpy arrays and scalars
     if value is None or type(value).__name__ in ("NAType", "NaTType") or (isinstance(value, float) and math.isnan(value)):
         return ""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, list, tuple)):
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_cell(item) for item in value) + ")"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return escape(value)
-    if isinstance(value, numbers.Integral):
-        return str(int(value))
-    if isinstance(value, numbers.Real):
-        return f"{float(value):.4g}"
-    return "(" + ", ".join(_cell(item) for item in value) + ")"
+    return str(int(value)) if isinstance(value, numbers.Integral) else f"{float(value):.4g}"
 
 
 def front_table_markdown(table: Any) -> str:

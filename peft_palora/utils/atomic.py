@@ -53,6 +53,7 @@ of the same file system) is refused with a clear ``OSError`` instead of being co
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -65,7 +66,7 @@ import socket
 import stat
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -169,21 +170,17 @@ def _fsync(path: str, directory: bool = False) -> None:
 def _make_directory(parent: str, stem: str, kind: str) -> str:
     while True:
         path = _new_name(parent, stem, kind)
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o777)  # the umask applies, as for any os.mkdir
             return path
-        except FileExistsError:
-            continue
 
 
 def _make_file(directory: str, stem: str, suffix: str) -> str:
     while True:
         path = _new_name(directory, stem, "tmp", suffix)
-        try:
+        with contextlib.suppress(FileExistsError):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for open()
             return path
-        except FileExistsError:
-            continue
 
 
 def _remove(path: str) -> None:
@@ -311,16 +308,25 @@ def _finish_file(tmp_path: str, path: str) -> None:
     _clean_temporaries(directory, stem=os.path.basename(path))
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (UTF-8); the file gets the permissions ``open(path, "w")`` would."""
-    tmp_path = _temp_path_beside(path, ".txt")
+def _write_atomically(path: str, suffix: str, write: Callable[[str], None]) -> None:
+    """``write(temporary path)``, then the temporary file replaces ``path``; removed instead if anything fails."""
+    tmp_path = _temp_path_beside(path, suffix)
     try:
-        with open(tmp_path, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write(tmp_path)
         _finish_file(tmp_path, path)
     except BaseException:
         _remove(tmp_path)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (UTF-8); the file gets the permissions ``open(path, "w")`` would."""
+
+    def write(tmp_path: str) -> None:
+        with open(tmp_path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    _write_atomically(path, ".txt", write)
 
 
 def atomic_save_safetensors(
@@ -329,15 +335,12 @@ def atomic_save_safetensors(
     """``safetensors.torch.save_file`` to ``path`` atomically, with the permissions a plain ``open()`` would give."""
     from safetensors.torch import save_file  # imported here: saving bundles of plain files needs no torch
 
-    tmp_path = _temp_path_beside(path, ".safetensors")
-    try:
+    def write(tmp_path: str) -> None:
         mode = stat.S_IMODE(os.stat(tmp_path).st_mode)  # what the kernel gave a new file under the umask
         save_file(tensors, tmp_path, metadata=metadata)
         os.chmod(tmp_path, mode)  # safetensors >= 0.8 writes its files -rw------- whatever the umask
-        _finish_file(tmp_path, path)
-    except BaseException:
-        _remove(tmp_path)
-        raise
+
+    _write_atomically(path, ".safetensors", write)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -568,19 +571,13 @@ def carry_into_staging(target: str, staging: str, name: str) -> None:
         shutil.copy2(existing, os.path.join(staging, name))
 
 
-@contextmanager
-def atomic_directory(target, keep_other_files: bool = True) -> Iterator[str]:
-    """Yield a staging folder; when the block ends without an exception, it replaces ``target`` as a whole.
+def atomic_directory(target, keep_other_files: bool = True) -> AtomicDirectory:
+    """A staging folder (``as`` gives its path); when the block ends without an exception, it replaces ``target`` as
+    a whole.
 
     ``with atomic_directory(path) as staging: model.save_pretrained(staging)``. An exception in the block leaves
     ``target`` as it was. See :class:`AtomicDirectory` for the arguments and the module docstring for the guarantees.
     A save into the staging folder of a save in progress writes there directly: the enclosing save makes the whole
     atomic.
     """
-    save = AtomicDirectory(target, keep_other_files=keep_other_files)
-    try:
-        yield save.staging
-    except BaseException:
-        save.abort()
-        raise
-    save.commit()
+    return AtomicDirectory(target, keep_other_files=keep_other_files)
