@@ -52,9 +52,9 @@ from transformers import HfArgumentParser
 
 from peft_palora import PaLoRAConfig
 from peft_palora.fronts.evaluation import write_front_report
-from peft_palora.tuner.card import write_model_card
 from peft_palora.training.multitask import MultiTaskModel
 from peft_palora.training.trainer import PaLoRATrainer, PaLoRATrainingArguments, distributed_state
+from peft_palora.tuner.card import write_model_card
 
 
 @dataclass
