@@ -9,126 +9,37 @@ an independent float64 SVD (Eckart-Young: the error is the norm of the dropped s
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from peft import PeftModel, convert_to_lora, get_peft_model, save_as_lora
-from safetensors.torch import load_file, save_file
+from plain_peft import MLP, Mixed, gpt2, llama, run_plain_peft, save_case, with_and_without_adapters
 from torch import nn
-from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 from peft_palora import PaLoRAConfig
 
 TOL = 1e-4
-
-MODELS_SOURCE = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin0 = nn.Linear(10, 20)
-            self.lin1 = nn.Linear(20, 12)
-            self.head = nn.Linear(12, 3)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
-    """
-)
-_namespace: dict = {}
-exec(compile(MODELS_SOURCE, "<tiny models>", "exec"), _namespace)
-MLP = _namespace["MLP"]
-
-
-class Mixed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(30, 8)
-        self.lin = nn.Linear(8, 8)
-        self.conv = nn.Conv1d(8, 6, kernel_size=3, padding=1)
-
-    def forward(self, x):
-        return self.conv(torch.tanh(self.lin(self.emb(x))).transpose(1, 2))
-
-
-def _gpt2() -> nn.Module:
-    return GPT2Model(GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16))
-
-
-def _llama() -> nn.Module:
-    return LlamaModel(
-        LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, max_position_embeddings=16)
-    )
-
-
-def _output(out):
-    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
 
 
 # name: (factory, how the subprocess rebuilds it, inputs, PaLoRA config, preference set before converting, rank)
 # The rank is the largest T * r of the layers: the SVD then keeps the whole delta.
 CASES = {
     "mlp_patterns": (
-        MLP, "MLP()", lambda: {"x": torch.randn(5, 10)},
+        MLP, "MLP", lambda: {"x": torch.randn(5, 10)},
         dict(num_tasks=3, r=2, palora_alpha=3.0, target_modules=["lin0", "lin1"], rank_pattern={"lin1": 3},
              alpha_pattern={"lin0": 5.0}),
         [0.2, 0.3, 0.5], 9,
     ),
     "gpt2_conv1d": (
-        _gpt2, "transformers", lambda: {"input_ids": torch.randint(0, 40, (2, 7))},
+        gpt2, "transformers", lambda: {"input_ids": torch.randint(0, 40, (2, 7))},
         dict(num_tasks=2, r=3, palora_alpha=6.0, target_modules=["c_attn", "c_proj"]),
         [0.7, 0.3], 6,
     ),
     "llama": (
-        _llama, "transformers", lambda: {"input_ids": torch.randint(1, 40, (2, 6))},
+        llama, "transformers", lambda: {"input_ids": torch.randint(1, 40, (2, 6))},
         dict(task_names=["a", "b"], r=2, target_modules=["q_proj", "v_proj", "down_proj"]),
         {"a": 0.0, "b": 1.0}, 4,
     ),
 }
-
-LOAD_SCRIPT = MODELS_SOURCE + textwrap.dedent(
-    """
-    import json, sys
-    assert "peft_palora" not in sys.modules
-    from peft import PeftModel
-    from safetensors.torch import load_file, save_file
-    import transformers
-
-    manifest = json.load(open(sys.argv[1]))
-    outputs = {}
-    for name, case in manifest.items():
-        if case["build"] == "transformers":
-            base = transformers.AutoModel.from_pretrained(case["base"])
-        else:
-            base = eval(case["build"])
-            base.load_state_dict(load_file(case["base"]))
-        model = PeftModel.from_pretrained(base, case["lora"]).eval()
-        assert type(model.peft_config["default"]).__name__ == "LoraConfig"
-        with torch.no_grad():
-            out = model(**load_file(case["inputs"]))
-        outputs[name] = (out if isinstance(out, torch.Tensor) else out.last_hidden_state).contiguous()
-    assert "peft_palora" not in sys.modules
-    save_file(outputs, sys.argv[2])
-    """
-)
-
-
-def _save_base(base: nn.Module, build: str, directory: str) -> str:
-    if build == "transformers":
-        base.save_pretrained(directory)
-        return directory
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "base.safetensors")
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -136,33 +47,15 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("save_as_lora")
     manifest, expected, effects = {}, {}, {}
     for index, (name, (factory, build, make_inputs, config, preference, rank)) in enumerate(CASES.items()):
-        torch.manual_seed(index)
-        inputs = make_inputs()
-        base = factory().eval()
-        base_path = _save_base(base, build, str(root / name / "base"))
+        base, inputs, manifest[name] = save_case(root, name, index, factory, build, make_inputs)
         model = get_peft_model(base, PaLoRAConfig(init_weights=False, **config)).eval()
         model.set_preference(preference)
         assert model.supports_lora_conversion()  # PeftModel -> PaLoRAModel -> every layer
-        lora_dir = str(root / name / "lora")
-        save_as_lora(lora_dir, model, rank=rank)  # PEFT's own function, at the preference in force
-        with torch.no_grad():
-            expected[name] = _output(model(**inputs))
-            with model.disable_adapter():
-                effects[name] = (expected[name] - _output(model(**inputs))).abs().max().item()
-        inputs_path = str(root / name / "inputs.safetensors")
-        save_file({k: v.contiguous() for k, v in inputs.items()}, inputs_path)
-        manifest[name] = {"build": build, "base": base_path, "lora": lora_dir, "inputs": inputs_path}
-    manifest_path, outputs_path = str(root / "manifest.json"), str(root / "outputs.safetensors")
-    with open(manifest_path, "w") as handle:
-        json.dump(manifest, handle)
-    script = str(root / "load_lora.py")
-    with open(script, "w") as handle:
-        handle.write(LOAD_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, script, manifest_path, outputs_path], capture_output=True, text=True,
-                          env=env, cwd=str(root), timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = load_file(outputs_path)
+        manifest[name]["lora"] = str(root / name / "lora")
+        save_as_lora(manifest[name]["lora"], model, rank=rank)  # PEFT's own function, at the preference in force
+        expected[name], plain = with_and_without_adapters(model, inputs)
+        effects[name] = (expected[name] - plain).abs().max().item()
+    got = run_plain_peft("lora", manifest, root)  # a fresh interpreter that never imports peft_palora (asserted)
     return {name: (got[name] - expected[name]).abs().max().item() for name in CASES}, effects
 
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from plain_peft import MLP, ConvNet, Grouped, Mixed, gpt2, llama, run_plain_peft, save_case, with_and_without_adapters
+from safetensors.torch import load_file
 from torch import nn
-from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+from transformers import LlamaModel
 
 import peft_palora
 from peft_palora import PaLoRAConfig
@@ -29,148 +27,42 @@ from peft_palora.tuner.conversion import export_lora
 
 TOL = 1e-5
 
-# Models defined once as source, so that the fresh interpreter (which must not import anything of ours) builds the
-# very same classes.
-MODELS_SOURCE = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin0 = nn.Linear(10, 20)
-            self.lin1 = nn.Linear(20, 12)
-            self.head = nn.Linear(12, 3)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
-
-    class ConvNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 6, kernel_size=3, stride=2, padding=1)
-            self.point = nn.Conv2d(6, 5, kernel_size=1)
-            self.conv1d = nn.Conv1d(5, 4, kernel_size=2)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            h = self.point(torch.relu(self.conv(x)))  # (B, 5, 4, 4)
-            h = self.conv1d(h.flatten(2))  # (B, 4, 15)
-            return self.fc(h.transpose(1, 2))
-
-    class Mixed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(30, 8, padding_idx=0)
-            self.lin = nn.Linear(8, 8)
-            self.conv = nn.Conv1d(8, 6, kernel_size=3, padding=1)
-
-        def forward(self, x):
-            h = torch.tanh(self.lin(self.emb(x)))  # (B, L, 8)
-            return self.conv(h.transpose(1, 2))
-
-    class Grouped(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, kernel_size=3, groups=2)
-
-        def forward(self, x):
-            return self.conv(x)
-    """
-)
-_namespace: dict = {}
-exec(compile(MODELS_SOURCE, "<tiny models>", "exec"), _namespace)
-MLP, ConvNet, Mixed, Grouped = _namespace["MLP"], _namespace["ConvNet"], _namespace["Mixed"], _namespace["Grouped"]
-
-
-def _gpt2() -> nn.Module:
-    return GPT2Model(GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16))
-
-
-def _llama() -> nn.Module:
-    return LlamaModel(
-        LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, max_position_embeddings=16)
-    )
-
-
-def _output(out):
-    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
-
 
 # name: (model factory, how the subprocess rebuilds it, make inputs, PaLoRA config, preference to export)
 EXPORT_CASES = {
     "mlp_patterns": (
-        MLP, "MLP()", lambda: {"x": torch.randn(5, 10)},
+        MLP, "MLP", lambda: {"x": torch.randn(5, 10)},
         dict(num_tasks=3, r=2, palora_alpha=3.0, target_modules=["lin0", "lin1"], rank_pattern={"lin1": 3},
              alpha_pattern={"lin0": 5.0}),
         [0.5, 0.0, 0.5],
     ),
     "mlp_bias_and_modules_to_save": (
-        MLP, "MLP()", lambda: {"x": torch.randn(5, 10)},
+        MLP, "MLP", lambda: {"x": torch.randn(5, 10)},
         dict(num_tasks=2, r=2, target_modules=["lin0"], bias="all", modules_to_save=["head"]),
         [0.25, 0.75],
     ),
     "mlp_palora_only_bias": (
-        MLP, "MLP()", lambda: {"x": torch.randn(5, 10)},
+        MLP, "MLP", lambda: {"x": torch.randn(5, 10)},
         dict(num_tasks=2, r=1, target_modules=["lin1"], bias="palora_only"),
         [0.5, 0.5],
     ),
     "gpt2_conv1d": (
-        _gpt2, "transformers", lambda: {"input_ids": torch.randint(0, 40, (2, 7))},
+        gpt2, "transformers", lambda: {"input_ids": torch.randint(0, 40, (2, 7))},
         dict(num_tasks=2, r=3, palora_alpha=6.0, target_modules=["c_attn", "c_proj"]),
         [0.3, 0.7],
     ),
     "llama_embedding": (
-        _llama, "transformers", lambda: {"input_ids": torch.randint(1, 40, (2, 6))},
+        llama, "transformers", lambda: {"input_ids": torch.randint(1, 40, (2, 6))},
         dict(task_names=["a", "b", "c"], r=2, target_modules=["q_proj", "v_proj", "embed_tokens"],
              rank_pattern={"embed_tokens": 4}),
         {"a": 0.0, "b": 0.6, "c": 0.4},
     ),
     "conv2d_conv1d": (
-        ConvNet, "ConvNet()", lambda: {"x": torch.randn(2, 3, 8, 8)},
+        ConvNet, "ConvNet", lambda: {"x": torch.randn(2, 3, 8, 8)},
         dict(num_tasks=2, r=2, palora_alpha=4.0, target_modules=["conv", "point", "conv1d", "fc"]),
         [0.0, 1.0],
     ),
 }
-
-LOAD_SCRIPT = MODELS_SOURCE + textwrap.dedent(
-    """
-    import json, sys
-    assert "peft_palora" not in sys.modules
-    from peft import PeftModel
-    from safetensors.torch import load_file, save_file
-    import transformers
-
-    manifest = json.load(open(sys.argv[1]))
-    outputs = {}
-    for name, case in manifest.items():
-        if case["build"] == "transformers":
-            base = transformers.AutoModel.from_pretrained(case["base"])
-        else:
-            base = eval(case["build"])
-            base.load_state_dict(load_file(case["base"]))
-        model = PeftModel.from_pretrained(base, case["lora"]).eval()
-        assert type(model.peft_config["default"]).__name__ == "LoraConfig"
-        inputs = load_file(case["inputs"])
-        with torch.no_grad():
-            out = model(**inputs)
-        outputs[name] = (out if isinstance(out, torch.Tensor) else out.last_hidden_state).contiguous()
-    assert "peft_palora" not in sys.modules
-    save_file(outputs, sys.argv[2])
-    """
-)
-
-
-def _save_base(base: nn.Module, build: str, directory: str) -> str:
-    if build == "transformers":
-        base.save_pretrained(directory)
-        return directory
-    path = os.path.join(directory, "base.safetensors")
-    os.makedirs(directory, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, path)
-    return path
 
 
 def _simulate_training(model: nn.Module) -> None:
@@ -187,35 +79,17 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     manifest, expected, effects = {}, {}, {}
     for index, (name, (factory, build, make_inputs, config, preference)) in enumerate(EXPORT_CASES.items()):
-        torch.manual_seed(index)
-        inputs = make_inputs()
-        base = factory().eval()
-        base_path = _save_base(base, build, str(root / name / "base"))
+        base, inputs, manifest[name] = save_case(root, name, index, factory, build, make_inputs)
         model = get_peft_model(base, PaLoRAConfig(init_weights=False, **config)).eval()
         _simulate_training(model)
-        lora_dir = str(root / name / "lora")
+        manifest[name]["lora"] = str(root / name / "lora")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            export_lora(model, lora_dir, preference=preference)
+            export_lora(model, manifest[name]["lora"], preference=preference)
         model.set_preference(preference)
-        with torch.no_grad():
-            expected[name] = _output(model(**inputs))
-            with model.disable_adapter():
-                effects[name] = (expected[name] - _output(model(**inputs))).abs().max().item()
-        inputs_path = str(root / name / "inputs.safetensors")
-        save_file({k: v.contiguous() for k, v in inputs.items()}, inputs_path)
-        manifest[name] = {"build": build, "base": base_path, "lora": lora_dir, "inputs": inputs_path}
-    manifest_path, outputs_path = str(root / "manifest.json"), str(root / "outputs.safetensors")
-    with open(manifest_path, "w") as handle:
-        json.dump(manifest, handle)
-    script = str(root / "load_lora.py")
-    with open(script, "w") as handle:
-        handle.write(LOAD_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, script, manifest_path, outputs_path], capture_output=True, text=True,
-                          env=env, cwd=str(root), timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = load_file(outputs_path)
+        expected[name], plain = with_and_without_adapters(model, inputs)
+        effects[name] = (expected[name] - plain).abs().max().item()
+    got = run_plain_peft("lora", manifest, root)  # a fresh interpreter that never imports peft_palora (asserted)
     differences = {name: (got[name] - expected[name]).abs().max().item() for name in EXPORT_CASES}
     return differences, manifest, effects
 
@@ -339,7 +213,7 @@ def test_export_warns_once_for_servers(tmp_path):
 
 def test_export_lora_from_bundle(tmp_path):
     torch.manual_seed(3)
-    base = _llama()
+    base = llama()
     base.save_pretrained(tmp_path / "base")
     base = LlamaModel.from_pretrained(tmp_path / "base")  # PEFT records its name_or_path in the bundle
     model = get_peft_model(base, PaLoRAConfig(num_tasks=2, r=2, target_modules=["q_proj", "v_proj"],
@@ -554,7 +428,7 @@ def test_import_refuses_mismatched_targets_and_bases(tmp_path, lora_bundles):
 def test_import_accepts_lora_with_saved_embedding_base(tmp_path):
     """PEFT saves a targeted embedding's (unchanged) base weight next to the factors; that copy is accepted."""
     torch.manual_seed(2)
-    base = _llama().eval()
+    base = llama().eval()
     bundles = {}
     for task in ("a", "b"):
         lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"],

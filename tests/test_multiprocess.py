@@ -198,14 +198,13 @@ def _rank_run(output_dir: str) -> None:
         json.dump(torch.stack(trainer.preference_sampler.seen).tolist(), handle)
 
 
-# ---- the tests ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def two_process_dir(tmp_path_factory) -> str:
-    output_dir = str(tmp_path_factory.mktemp("two_processes"))
+def _launch(rank_run: str, output_dir: str) -> None:
+    """Run ``rank_run(output_dir)`` (a function of this module) in NUM_PROCESSES ranks under
+    ``accelerate.debug_launcher``, in a fresh interpreter; every rank must succeed."""
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import test_multiprocess as t; "
         "from accelerate import debug_launcher; "
-        "debug_launcher(t._rank_run, args=(sys.argv[2],), num_processes=t.NUM_PROCESSES)"
+        f"debug_launcher(t.{rank_run}, args=(sys.argv[2],), num_processes=t.NUM_PROCESSES)"
     )
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -213,6 +212,13 @@ def two_process_dir(tmp_path_factory) -> str:
         [sys.executable, "-c", code, tests_dir, output_dir], capture_output=True, text=True, timeout=300, env=env
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
+
+
+# ---- the tests ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_process_dir(tmp_path_factory) -> str:
+    output_dir = str(tmp_path_factory.mktemp("two_processes"))
+    _launch("_rank_run", output_dir)
     return output_dir
 
 
@@ -337,17 +343,7 @@ def _launched_rank_run(output_dir: str) -> None:
 @pytest.mark.slow
 def test_a_multi_gpu_launch_on_cpu_is_one_run(tmp_path):
     output_dir = str(tmp_path)
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import test_multiprocess as t; "
-        "from accelerate import debug_launcher; "
-        "debug_launcher(t._launched_rank_run, args=(sys.argv[2],), num_processes=t.NUM_PROCESSES)"
-    )
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    completed = subprocess.run(
-        [sys.executable, "-c", code, tests_dir, output_dir], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    _launch("_launched_rank_run", output_dir)
     reports = [json.load(open(os.path.join(output_dir, f"launched_rank{rank}.json"))) for rank in range(2)]
     assert reports[0] == {"state": [2, 0, True], "accelerator": [2, 0]}
     assert reports[1] == {"state": [2, 1, False], "accelerator": [2, 1]}

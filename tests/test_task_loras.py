@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
 from peft import get_peft_model
-from safetensors.torch import load_file, save_file
-from torch import nn
-from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+from plain_peft import MLP, gpt2, llama, output, run_plain_peft, save_case
+from safetensors.torch import load_file
+from transformers import LlamaModel
 
 from peft_palora import PaLoRAConfig
 from peft_palora.interop.lora import export_task_loras_from_bundle
@@ -30,113 +27,32 @@ from peft_palora.tuner.conversion import TASK_LORAS_INDEX, export_task_loras
 
 TOL = 1e-5
 
-MODELS_SOURCE = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin0 = nn.Linear(10, 20)
-            self.lin1 = nn.Linear(20, 12)
-            self.head = nn.Linear(12, 3)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
-    """
-)
-_namespace: dict = {}
-exec(compile(MODELS_SOURCE, "<tiny models>", "exec"), _namespace)
-MLP = _namespace["MLP"]
-
-
-def _gpt2() -> nn.Module:
-    return GPT2Model(GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16))
-
-
-def _llama() -> nn.Module:
-    return LlamaModel(
-        LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, max_position_embeddings=16)
-    )
-
-
-def _output(out):
-    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
-
 
 # name: (model factory, how the subprocess rebuilds it, make inputs, PaLoRA config, preferences)
 CASES = {
     "mlp": (
-        MLP, "MLP()", lambda: {"x": torch.randn(5, 10)},
+        MLP, "MLP", lambda: {"x": torch.randn(5, 10)},
         dict(num_tasks=3, r=2, palora_alpha=3.0, target_modules=["lin0", "lin1"]),
         [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 / 3], [0.1, 0.6, 0.3], [0.5, 0.0, 0.5]],
     ),
     "mlp_patterns": (
-        MLP, "MLP()", lambda: {"x": torch.randn(5, 10)},
+        MLP, "MLP", lambda: {"x": torch.randn(5, 10)},
         dict(num_tasks=2, r=2, palora_alpha=3.0, target_modules=["lin0", "lin1"], rank_pattern={"lin1": 3},
              alpha_pattern={"lin0": 5.0}, palora_dropout=0.1),
         [[1.0, 0.0], [0.0, 1.0], [0.25, 0.75]],
     ),
     "gpt2_conv1d": (
-        _gpt2, "transformers", lambda: {"input_ids": torch.randint(0, 40, (2, 7))},
+        gpt2, "transformers", lambda: {"input_ids": torch.randint(0, 40, (2, 7))},
         dict(task_names=["short", "long"], r=3, palora_alpha=6.0, target_modules=["c_attn", "c_proj"]),
         [[1.0, 0.0], [0.0, 1.0], [0.3, 0.7]],
     ),
     "llama_embedding": (
-        _llama, "transformers", lambda: {"input_ids": torch.randint(1, 40, (2, 6))},
+        llama, "transformers", lambda: {"input_ids": torch.randint(1, 40, (2, 6))},
         dict(task_names=["a", "b", "c"], r=2, target_modules=["q_proj", "v_proj", "embed_tokens"],
              rank_pattern={"embed_tokens": 4}),
         [[0.0, 0.0, 1.0], [0.2, 0.5, 0.3], [0.0, 0.6, 0.4]],
     ),
 }
-
-MIX_SCRIPT = MODELS_SOURCE + textwrap.dedent(
-    """
-    import json, os, sys
-    assert "peft_palora" not in sys.modules
-    from peft import PeftModel
-    from safetensors.torch import load_file, save_file
-    import transformers
-
-    manifest = json.load(open(sys.argv[1]))
-    outputs = {}
-    for name, case in manifest.items():
-        if case["build"] == "transformers":
-            base = transformers.AutoModel.from_pretrained(case["base"])
-        else:
-            base = eval(case["build"])
-            base.load_state_dict(load_file(case["base"]))
-        index = json.load(open(os.path.join(case["loras"], "palora_tasks.json")))
-        tasks = index["tasks"]
-        model = PeftModel.from_pretrained(base, os.path.join(case["loras"], tasks[0]), adapter_name=tasks[0])
-        for task in tasks[1:]:
-            model.load_adapter(os.path.join(case["loras"], task), adapter_name=task)
-        assert all(type(c).__name__ == "LoraConfig" for c in model.peft_config.values())
-        model.eval()
-        inputs = load_file(case["inputs"])
-        for i, preference in enumerate(case["preferences"]):
-            model.add_weighted_adapter(tasks, weights=preference, adapter_name=f"mix{i}", combination_type="cat")
-            model.set_adapter(f"mix{i}")
-            model.eval()  # as palora_tasks.json says: the new adapter's dropout starts in training mode
-            with torch.no_grad():
-                out = model(**inputs)
-            outputs[f"{name}/{i}"] = (out if isinstance(out, torch.Tensor) else out.last_hidden_state).contiguous()
-    assert "peft_palora" not in sys.modules
-    save_file(outputs, sys.argv[2])
-    """
-)
-
-
-def _save_base(base: nn.Module, build: str, directory: str) -> str:
-    if build == "transformers":
-        base.save_pretrained(directory)
-        return directory
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "base.safetensors")
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +61,7 @@ def mixed(tmp_path_factory):
     root = tmp_path_factory.mktemp("task_loras")
     manifest, expected, effects, models = {}, {}, {}, {}
     for index, (name, (factory, build, make_inputs, config, preferences)) in enumerate(CASES.items()):
-        torch.manual_seed(index)
-        inputs = make_inputs()
-        base = factory().eval()
-        base_path = _save_base(base, build, str(root / name / "base"))
+        base, inputs, manifest[name] = save_case(root, name, index, factory, build, make_inputs)
         model = get_peft_model(base, PaLoRAConfig(init_weights=False, **config)).eval()
         loras = str(root / name / "loras")
         with warnings.catch_warnings():
@@ -156,26 +69,13 @@ def mixed(tmp_path_factory):
             model.export_task_loras(loras)  # reached through PeftModel -> PaLoRAModel
         with torch.no_grad():
             for i, preference in enumerate(preferences):
-                expected[f"{name}/{i}"] = _output(model(**inputs, preference=preference))
+                expected[f"{name}/{i}"] = output(model(**inputs, preference=preference))
             with model.disable_adapter():
-                plain = _output(model(**inputs))
+                plain = output(model(**inputs))
         effects[name] = min((expected[f"{name}/{i}"] - plain).abs().max().item() for i in range(len(preferences)))
-        inputs_path = str(root / name / "inputs.safetensors")
-        save_file({k: v.contiguous() for k, v in inputs.items()}, inputs_path)
-        manifest[name] = {"build": build, "base": base_path, "loras": loras, "inputs": inputs_path,
-                          "preferences": preferences}
+        manifest[name].update(loras=loras, preferences=preferences)
         models[name] = model
-    manifest_path, outputs_path = str(root / "manifest.json"), str(root / "outputs.safetensors")
-    with open(manifest_path, "w") as handle:
-        json.dump(manifest, handle)
-    script = str(root / "mix_loras.py")
-    with open(script, "w") as handle:
-        handle.write(MIX_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, script, manifest_path, outputs_path], capture_output=True, text=True,
-                          env=env, cwd=str(root), timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = load_file(outputs_path)
+    got = run_plain_peft("mix", manifest, root)  # a fresh interpreter that never imports peft_palora (asserted)
     assert got.keys() == expected.keys()
     differences = {key: (got[key] - expected[key]).abs().max().item() for key in expected}
     return differences, manifest, effects, models
@@ -243,7 +143,7 @@ def test_multitask_model_exports_task_loras_with_heads(tmp_path):
 
 def test_export_task_loras_from_bundle(tmp_path):
     torch.manual_seed(4)
-    base = _llama()
+    base = llama()
     base.save_pretrained(tmp_path / "base")
     model = get_peft_model(base, PaLoRAConfig(task_names=["x", "y"], r=2, target_modules=["q_proj"],
                                               init_weights=False))
@@ -286,7 +186,7 @@ def test_train_base_weights_refused_with_a_recipe_that_works(tmp_path):
     inputs = {"input_ids": torch.randint(1, 40, (2, 6))}
     config = dict(num_tasks=2, r=2, target_modules=["q_proj", "v_proj"], train_base_weights=True, init_weights=False)
 
-    model = get_peft_model(_llama(), PaLoRAConfig(**config)).eval()
+    model = get_peft_model(llama(), PaLoRAConfig(**config)).eval()
     with pytest.raises(ValueError, match=r"merge_and_unload\(\)\.save_pretrained\(dir\)") as error:
         model.export_task_loras(str(tmp_path / "no"))
     assert "train_base_weights=True" in str(error.value)
@@ -301,7 +201,7 @@ def test_train_base_weights_refused_with_a_recipe_that_works(tmp_path):
     assert (got - expected).abs().max() < TOL
 
     torch.manual_seed(6)
-    backbone = get_peft_model(_llama(), PaLoRAConfig(**config))
+    backbone = get_peft_model(llama(), PaLoRAConfig(**config))
     multi = MultiTaskModel(backbone, linear_heads(16, {"a": 2, "b": 3}), pooling="cls").eval()
     for method in (multi.export_task_loras, multi.export_lora):
         with pytest.raises(ValueError, match=r"merged\.backbone\.save_pretrained\(dir\)") as error:
