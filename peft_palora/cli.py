@@ -463,8 +463,7 @@ def _load_causal_lm(bundle: str, base: str | None) -> tuple[Any, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import peft_palora  # noqa: F401  (registers the PALORA PEFT type)
-
+    # PeftModel knows the PALORA type: importing this module ran peft_palora/__init__, which registers it.
     source = base or _bundled_base(bundle) or _read_config(bundle).get("base_model_name_or_path")
     if not source:
         raise CLIError("the bundle names no base model and has no base_model/ folder; pass --base.")
