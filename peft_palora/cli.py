@@ -2,8 +2,11 @@
 
 A thin shell over the library: `palora info` reads a bundle's config and tensor shapes, `palora front` loads a
 `MultiTaskModel` bundle and evaluates it on the user's data file (`peft_palora.fronts.data.load_front_data`) over a
-preference grid, `palora export-lora` and `palora export-task-loras` call `peft_palora.interop.lora`'s\n`export_lora_from_bundle` and `export_task_loras_from_bundle`. `examples/train_mtl.py`
-writes its test split next to its bundle, so its front is measured again with
+preference grid -- or, given `--prompts` and one `--reward objective=module:function` per task, measures a causal-LM
+bundle's reward front with `peft_palora.alignment.front.evaluate_reward_front` (imported only then) --
+`palora export-lora` and `palora export-task-loras` call `peft_palora.interop.lora`'s
+`export_lora_from_bundle` and `export_task_loras_from_bundle`. `examples/train_mtl.py` writes its test split next
+to its bundle, so its front is measured again with
 
 ```
 palora front outputs/train_mtl --data outputs/train_mtl/eval.parquet --out front/
@@ -330,7 +333,232 @@ def _read_multitask_metadata(bundle: str) -> dict[str, Any]:
     return _read_json_object(path, "") if os.path.isfile(path) else {}
 
 
+
+# ---------------------------------------------------------------------------------------------------- palora front (rewards)
+def parse_reward(spec: str) -> tuple[str, str, str]:
+    """`objective=module:function` (or `objective=path/to/file.py:function`) -> (objective, module, function)."""
+    objective, equals, target = spec.partition("=")
+    module, colon, function = target.rpartition(":")
+    if not equals or not objective.strip() or not colon or not module.strip() or not function.strip():
+        raise CLIError(f"--reward {spec!r} must read OBJECTIVE=MODULE:FUNCTION, e.g. helpful=mypkg.rewards:helpful.")
+    if not function.strip().isidentifier():
+        raise CLIError(f"--reward {spec!r}: {function!r} is not a function name.")
+    return objective.strip(), module.strip(), function.strip()
+
+
+def _import_module(module: str, spec: str) -> Any:
+    """Import the user's reward module: a dotted name (the current directory is searched first, as `python -m`
+    does) or a `.py` file."""
+    import importlib
+    import importlib.util
+
+    try:
+        if module.endswith(".py") or os.sep in module or (os.altsep and os.altsep in module):
+            if not os.path.isfile(module):
+                raise CLIError(f"--reward {spec!r}: {module!r} is not a file.")
+            name = "palora_reward_" + os.path.splitext(os.path.basename(module))[0].replace("-", "_")
+            loader_spec = importlib.util.spec_from_file_location(name, module)
+            if loader_spec is None or loader_spec.loader is None:
+                raise CLIError(f"--reward {spec!r}: cannot import {module!r} as a Python file.")
+            loaded = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(loaded)
+            return loaded
+        added = os.getcwd() not in sys.path
+        if added:
+            sys.path.insert(0, os.getcwd())
+        try:
+            return importlib.import_module(module)
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
+    except CLIError:
+        raise
+    except BaseException as error:  # the user's code: any exception (even SystemExit) is reported on one line
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        raise CLIError(f"--reward {spec!r}: importing {module!r} failed ({type(error).__name__}: "
+                       f"{_one_line(error)})") from None
+
+
+def _reported(function: Any, spec: str) -> Any:
+    """`function`, whose exceptions (the user's code failing) become one-line `--reward` errors."""
+
+    def reward(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            raise CLIError(f"--reward {spec!r} raised {type(error).__name__}: {_one_line(error)}") from error
+
+    return reward
+
+
+def load_reward_functions(specs: Sequence[str], task_names: Sequence[str]) -> dict[str, Any]:
+    """`{objective: function}` from `--reward` specs; one per task name of the bundle, each imported and callable."""
+    functions: dict[str, Any] = {}
+    for spec in specs:
+        objective, module, name = parse_reward(spec)
+        if objective in functions:
+            raise CLIError(f"--reward gives the objective {objective!r} twice.")
+        if objective not in task_names:
+            raise CLIError(f"--reward {spec!r}: the bundle has no task {objective!r}; its tasks are "
+                           f"{list(task_names)}.")
+        function = getattr(_import_module(module, spec), name, None)
+        if function is None:
+            raise CLIError(f"--reward {spec!r}: module {module!r} has no attribute {name!r}.")
+        if not callable(function):
+            raise CLIError(f"--reward {spec!r}: {module}:{name} is a {type(function).__name__}, not a function.")
+        functions[objective] = _reported(function, spec)
+    missing = [task for task in task_names if task not in functions]
+    if missing:
+        raise CLIError(f"--reward: no reward function for the tasks {missing}; give one OBJECTIVE=MODULE:FUNCTION "
+                       f"per task of the bundle ({', '.join(task_names)}).")
+    return functions
+
+
+def read_prompts(path: str, column: str = "prompt", data_format: str | None = None,
+                 max_samples: int | None = None) -> list[str]:
+    """The prompts of `path`: one per line of a `.txt` file (blank lines skipped), else the `column` of a table
+    (`.csv`, `.tsv`, `.json`, `.jsonl`, `.parquet`) read by `peft_palora.fronts.data.read_data_file`."""
+    if not os.path.isfile(path):
+        raise CLIError(f"--prompts {path!r} is not a file.")
+    if data_format is None and os.path.splitext(path)[1].lower() == ".txt":
+        try:
+            with open(path, encoding="utf-8") as handle:
+                prompts = [line.rstrip("\r\n") for line in handle if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise CLIError(f"--prompts {path!r} is not readable text ({_one_line(error)}).") from None
+    else:
+        from peft_palora.fronts.data import read_data_file
+
+        table = read_data_file(path, data_format)
+        if column not in table.column_names:
+            raise CLIError(f"--prompts {path!r} has no column {column!r} (columns: {table.column_names}); name the "
+                           "prompt column with --prompt_column.")
+        prompts = table[column]
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise CLIError(f"--prompts {path!r}: row {index} of column {column!r} is a "
+                               f"{type(prompt).__name__}, not a string.")
+    prompts = prompts[:max_samples] if max_samples else prompts
+    if not prompts:
+        raise CLIError(f"--prompts {path!r} holds no prompts.")
+    return prompts
+
+
+def _parse_reference(text: str | None, num_tasks: int) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(item) for item in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != num_tasks or not all(math.isfinite(value) for value in values):
+        raise CLIError(f"--reference {text!r} must be {num_tasks} comma-separated finite numbers, one per task.")
+    return values
+
+
+def _load_causal_lm(bundle: str, base: str | None) -> tuple[Any, Any]:
+    """The PaLoRA causal LM of `bundle` on its base (`--base`, else `<bundle>/base_model`, else the config's) and
+    the tokenizer (the bundle's own if it holds one, else the base's)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # PeftModel knows the PALORA type: importing this module ran peft_palora/__init__, which registers it.
+    source = base or _bundled_base(bundle) or _read_config(bundle).get("base_model_name_or_path")
+    if not source:
+        raise CLIError("the bundle names no base model and has no base_model/ folder; pass --base.")
+    _check_model_source(source)
+    with _quiet_transformers():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise CLIError(f"cannot load the causal LM {source!r} ({_one_line(error)})") from None
+        tokenizer = None
+        for place in (bundle, source):
+            if place == bundle and not os.path.isfile(os.path.join(bundle, "tokenizer_config.json")):
+                continue
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(place)
+                break
+            except (OSError, ValueError, TypeError, KeyError):
+                continue
+        if tokenizer is None:
+            raise CLIError(f"no tokenizer found in the bundle or in {source!r}: save the tokenizer with the base.")
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # batched generation pads (on the left)
+        model = PeftModel.from_pretrained(model, bundle).eval()
+    return model, tokenizer
+
+
+def _json_number(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def run_reward_front(
+    bundle: str, out: str, prompts_file: str, rewards: Sequence[str], base: str | None = None, points: int = 11,
+    batch_size: int = 1000, max_new_tokens: int = 32, reference: str | None = None, prompt_column: str = "prompt",
+    data_format: str | None = None, max_samples: int | None = None,
+) -> dict[str, Any]:
+    """The reward front of a causal-LM bundle: `peft_palora.alignment.front.evaluate_reward_front` over
+    `simplex_grid(T, points)` (greedy generation), scored by the user's reward functions (`rewards`, each
+    `objective=module:function`, imported and run). Writes `front.csv`, `front.json`, `completions.jsonl` and the
+    plots to `out`."""
+    from peft_palora.fronts.plotting import plot_metrics_vs_preference
+    from peft_palora.utils.atomic import atomic_write_text
+
+    for name, value, least in (("--points", points, 2), ("--batch_size", batch_size, 1),
+                               ("--max_new_tokens", max_new_tokens, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise CLIError(f"{name} must be an integer >= {least}, got {value!r}.")
+    config = _read_config(bundle)
+    if config.get("task_type") != "CAUSAL_LM":
+        raise CLIError(f"--prompts measures a causal-LM bundle (task_type CAUSAL_LM); {bundle} has task_type "
+                       f"{config.get('task_type')!r}. Use --data FILE for a MultiTaskModel bundle.")
+    task_names = config.get("task_names") or [str(task) for task in range(config["num_tasks"])]
+    reference_point = _parse_reference(reference, len(task_names))
+    prompts = read_prompts(prompts_file, prompt_column, data_format, max_samples)
+    functions = load_reward_functions(rewards, task_names)
+    model, tokenizer = _load_causal_lm(bundle, base)
+
+    from peft_palora.alignment.front import evaluate_reward_front
+
+    os.makedirs(out, exist_ok=True)
+    plot_path = os.path.join(out, "front.png") if len(task_names) == 2 else None
+    table, summary = evaluate_reward_front(
+        model, prompts, functions, points, processing_class=tokenizer, reference=reference_point,
+        batch_size=batch_size, plot_path=plot_path, max_new_tokens=max_new_tokens,
+    )
+    table_path = os.path.join(out, "front.csv")
+    atomic_write_text(table_path, table.to_csv(index=False))
+    completions = summary.pop("completions")
+    rows = [
+        {"preference": table.loc[index // len(prompts), [f"pref_{task}" for task in task_names]].tolist(),
+         "prompt": prompts[index % len(prompts)], "completion": completion}
+        for index, completion in enumerate(completions)
+    ]
+    completions_path = os.path.join(out, "completions.jsonl")
+    atomic_write_text(completions_path, "".join(json.dumps(row) + "\n" for row in rows))
+    report = {
+        "task_names": list(task_names), "metric": "reward", "maximize": True,
+        **{key: _json_number(value) for key, value in summary.items() if key != "plot"},
+        "num_prompts": len(prompts), "max_new_tokens": max_new_tokens,
+        "front": table.to_dict(orient="records"),
+    }
+    json_path = os.path.join(out, "front.json")
+    atomic_write_text(json_path, json.dumps(report, indent=2))
+    plots = [summary["plot"]] if summary.get("plot") else []
+    metrics = {task: [f"{task}_reward"] for task in task_names}
+    plots.append(plot_metrics_vs_preference(table, path=os.path.join(out, "reward_vs_preference.png"),
+                                            metrics=metrics))
+    return {**report, "metric": "reward", "table": table_path, "json": json_path, "completions": completions_path,
+            "plots": plots}
+
+
 def cmd_front(args: argparse.Namespace) -> int:
+    if args.prompts is not None or args.reward:
+        return _cmd_reward_front(args)
+    if args.max_new_tokens is not None or args.reference is not None or args.prompt_column is not None:
+        raise CLIError("--max_new_tokens, --reference and --prompt_column apply to --prompts FILE only.")
     if args.data is None:
         if args.input_column or args.label_columns or args.data_format:
             raise CLIError("--input_column, --label_columns and --data_format apply to --data FILE only.")
@@ -346,6 +574,35 @@ def cmd_front(args: argparse.Namespace) -> int:
     print(f"hypervolume ({report['metric']}, reference {report['reference']}): {report['hypervolume']:.4f}")
     print(f"table: {report['table']}")
     print(f"report: {report['json']}")
+    for plot in report["plots"]:
+        print(f"plot: {plot}")
+    return 0
+
+
+def _cmd_reward_front(args: argparse.Namespace) -> int:
+    if args.data is not None:
+        raise CLIError("give --data FILE (a MultiTaskModel bundle's labelled data) or --prompts FILE with --reward "
+                       "(a causal-LM bundle's reward front), not both.")
+    if args.prompts is None:
+        raise CLIError("--reward needs --prompts FILE: the prompts to generate from.")
+    if not args.reward:
+        raise CLIError("--prompts needs one --reward OBJECTIVE=MODULE:FUNCTION per task of the bundle.")
+    if args.input_column or args.label_columns or args.image_size is not None:
+        raise CLIError("--input_column, --label_columns and --image_size apply to --data FILE only.")
+    report = run_reward_front(
+        _bundle_dir(args.adapter, args.revision), args.out, args.prompts, args.reward, base=args.base,
+        points=args.points, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 32,
+        reference=args.reference, prompt_column=args.prompt_column or "prompt", data_format=args.data_format,
+        max_samples=args.max_samples,
+    )
+    reference = ", ".join(f"{value:g}" for value in report["reference"])
+    print(f"hypervolume (mean reward, reference [{reference}]): {report['hypervolume']:.4f}")
+    consistency = report.get("mean_spearman")
+    print(f"non-dominated points: {report['num_non_dominated']} of {len(report['front'])}; preference consistency "
+          f"(mean Spearman): {'n/a' if consistency is None else format(consistency, '.3f')}")
+    print(f"table: {report['table']}")
+    print(f"report: {report['json']}")
+    print(f"completions: {report['completions']}")
     for plot in report["plots"]:
         print(f"plot: {plot}")
     return 0
@@ -425,28 +682,50 @@ def build_parser() -> argparse.ArgumentParser:
     front = commands.add_parser(
         "front", help="evaluate a bundle over a preference grid: table, hypervolume, plots",
         epilog="example (the bundle and test split examples/train_mtl.py writes): palora front outputs/train_mtl "
-        "--data outputs/train_mtl/eval.parquet --out front/",
+        "--data outputs/train_mtl/eval.parquet --out front/ . Reward front of a causal-LM bundle (imports and runs "
+        "mypkg/rewards.py): palora front aligned/ --prompts prompts.txt --reward helpful=mypkg.rewards:helpful "
+        "--reward brief=mypkg.rewards:brief --points 11 --out front/",
     )
-    front.add_argument("adapter", help="a bundle folder (with task_heads.safetensors) or a Hub repo id")
+    front.add_argument("adapter", help="a bundle folder (a MultiTaskModel bundle with task_heads.safetensors for "
+                       "--data; a causal-LM PaLoRA bundle for --prompts) or a Hub repo id")
     front.add_argument("--base", help="base model folder or Hub id; default: the bundle's base_model/ or config")
     front.add_argument("--points", type=_grid_points, default=11, help="grid points per simplex side (11: steps of 0.1)")
-    front.add_argument("--out", required=True, help="output folder for front.json, front.csv and the plots")
+    front.add_argument("--out", required=True, help="output folder for front.json, front.csv and the plots "
+                       "(and completions.jsonl for --prompts)")
     front.add_argument("--max_samples", type=_positive_int, default=None, help="evaluate on the first N samples")
     front.add_argument("--batch_size", type=_positive_int, default=1000,
-                       help="evaluation batch (batch-norm models that use batch statistics depend on it)")
+                       help="evaluation batch (batch-norm models that use batch statistics depend on it); rows "
+                       "per generate call for --prompts")
     front.add_argument("--revision", help="Hub revision of the bundle")
     front.add_argument("--quiet", action="store_true", help="no progress bar")
     own = front.add_argument_group("the data")
     own.add_argument("--data", metavar="FILE", help="the local .csv, .tsv, .json, .jsonl or .parquet file to evaluate "
                      "on (required); examples/train_mtl.py writes its test split as OUTPUT_DIR/eval.parquet")
     own.add_argument("--data_format", choices=sorted(set(DATA_FORMATS.values())),
-                     help="the file's format when its extension does not tell")
+                     help="the --data (or table --prompts) file's format when its extension does not tell")
     own.add_argument("--input_column", help="the column of model inputs: text, images (or image paths), or arrays")
     own.add_argument("--label_columns", metavar="TASK=COLUMN,...",
                      help="the integer class labels of each task, e.g. left=digit_left,right=digit_right")
     own.add_argument("--max_length", type=_positive_int, default=128, help="token limit for text inputs")
     own.add_argument("--image_size", type=_positive_int, default=None,
                      help="side images are resized to (default: the model config's image_size, else 28)")
+    lm = front.add_argument_group(
+        "the reward front of a causal-LM bundle",
+        "--prompts FILE and one --reward per task instead of --data: greedy generation at every preference, scored "
+        "by your reward functions. The reward modules are YOUR code: they are imported and run (a dotted module "
+        "name is searched in the current directory first, like `python -m`).",
+    )
+    lm.add_argument("--prompts", metavar="FILE", help="the prompts: one per line of a .txt file, or a column of a "
+                    ".csv, .tsv, .json, .jsonl or .parquet file (--prompt_column)")
+    lm.add_argument("--prompt_column", help="the prompts' column in a table file (default: prompt)")
+    lm.add_argument("--reward", action="append", default=[], metavar="OBJECTIVE=MODULE:FUNCTION",
+                    help="the reward function of one task, e.g. helpful=mypkg.rewards:helpful or "
+                    "brief=rewards.py:brief; FUNCTION(prompts=[...], completions=[...]) returns one float per "
+                    "completion (TRL's reward-function signature). Repeat once per task of the bundle")
+    lm.add_argument("--max_new_tokens", type=_positive_int, default=None, help="tokens generated per completion "
+                    "(default 32)")
+    lm.add_argument("--reference", metavar="R1,R2,...", help="hypervolume reference, one reward per task (default: "
+                    "the worst mean reward of each task minus 10%% of its range; fix it to compare bundles)")
     front.set_defaults(func=cmd_front)
 
     export = commands.add_parser("export-lora", help="write one point of the front as a standard PEFT LoRA bundle")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -406,3 +407,158 @@ def test_front_help_shows_how_to_measure_the_example_bundle_again(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "palora front outputs/train_mtl --data outputs/train_mtl/eval.parquet --out front/" in help_text
     assert "--dataset" not in help_text
+
+
+# ------------------------------------------------------------------------------------- the reward front of an LM
+REWARD_MODULE = '''
+from tiny_lm import BLUE_WORDS, RED_WORDS, colour_share
+
+
+def red(prompts, completions, **kwargs):
+    return [colour_share(c, RED_WORDS) for c in completions]
+
+
+def blue(prompts, completions, **kwargs):
+    return [colour_share(c, BLUE_WORDS) + 0.01 * len(p) for p, c in zip(prompts, completions)]
+
+
+def broken(prompts, completions, **kwargs):
+    return 1 / 0
+
+
+NOT_A_FUNCTION = 3
+'''
+
+LM_PROMPTS = ["tell me a color", "say one word please", "the sky is"]
+
+
+@pytest.fixture(scope="module")
+def lm_bundle(tmp_path_factory):
+    """A tiny Llama PaLoRA bundle (tasks red, blue), its base saved with the tokenizer, and a reward module."""
+    from tiny_lm import make_model, make_tokenizer
+
+    root = tmp_path_factory.mktemp("lm")
+    base = make_model("llama", seed=1)
+    base.save_pretrained(root / "base")
+    make_tokenizer().save_pretrained(root / "base")
+    torch.manual_seed(5)
+    config = PaLoRAConfig(task_names=["red", "blue"], r=4, palora_alpha=16, init_weights=False, task_type="CAUSAL_LM",
+                          target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    model = get_peft_model(base, config).eval()
+    model.save_pretrained(root / "bundle")
+    (root / "colour_rewards.py").write_text(REWARD_MODULE)
+    (root / "prompts.txt").write_text("\n".join(LM_PROMPTS) + "\n\n")
+    pd.DataFrame({"text": LM_PROMPTS, "other": [1, 2, 3]}).to_csv(root / "prompts.csv", index=False)
+    return root, model
+
+
+def test_reward_front_equals_evaluate_reward_front(lm_bundle, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from tiny_lm import make_tokenizer
+
+    from peft_palora.alignment.front import evaluate_reward_front
+
+    root, model = lm_bundle
+    monkeypatch.syspath_prepend(str(root))
+    out = tmp_path / "front"
+    argv = ["front", str(root / "bundle"), "--base", str(root / "base"), "--prompts", str(root / "prompts.txt"),
+            "--reward", "red=colour_rewards:red", "--reward", f"blue={root / 'colour_rewards.py'}:blue",
+            "--points", "5", "--max_new_tokens", "6", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    table = pd.read_csv(out / "front.csv")
+    report = json.load(open(out / "front.json"))
+
+    rewards = importlib.import_module("colour_rewards")
+    expected, summary = evaluate_reward_front(model, LM_PROMPTS, {"red": rewards.red, "blue": rewards.blue}, 5,
+                                              processing_class=make_tokenizer(), max_new_tokens=6)
+    assert list(table.columns) == list(expected.columns)
+    pd.testing.assert_frame_equal(table, expected, check_exact=False, rtol=1e-9, atol=1e-12)
+    assert report["hypervolume"] == pytest.approx(summary["hypervolume"], rel=1e-9)
+    assert report["reference"] == pytest.approx(summary["reference"])
+    assert report["num_non_dominated"] == summary["num_non_dominated"]
+    for key in ("spearman_red", "spearman_blue", "mean_spearman"):
+        expected_value = None if math.isnan(summary[key]) else pytest.approx(summary[key], rel=1e-9)
+        assert report[key] == expected_value  # JSON has no NaN: null
+    assert f"{report['hypervolume']:.4f}" in printed
+    completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [row["completion"] for row in completions] == summary["completions"]
+    assert completions[len(LM_PROMPTS)]["preference"] == [0.25, 0.75]  # simplex_grid(2, 5) row 1
+    for name in ("front.png", "reward_vs_preference.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a table file with a named column, a fixed reference and fewer prompts: the same computation
+    out2 = tmp_path / "front2"
+    assert main(["front", str(root / "bundle"), "--base", str(root / "base"), "--prompts", str(root / "prompts.csv"),
+                 "--prompt_column", "text", "--max_samples", "2", "--reference=-1,-1", "--reward",
+                 "red=colour_rewards:red", "--reward", "blue=colour_rewards:blue", "--points", "3",
+                 "--max_new_tokens", "4", "--out", str(out2)]) == 0
+    expected, summary = evaluate_reward_front(model, LM_PROMPTS[:2], {"red": rewards.red, "blue": rewards.blue}, 3,
+                                              processing_class=make_tokenizer(), max_new_tokens=4,
+                                              reference=[-1.0, -1.0])
+    pd.testing.assert_frame_equal(pd.read_csv(out2 / "front.csv"), expected, check_exact=False, rtol=1e-9)
+    assert json.load(open(out2 / "front.json"))["reference"] == [-1.0, -1.0]
+    assert json.load(open(out2 / "front.json"))["hypervolume"] == pytest.approx(summary["hypervolume"], rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("rewards", "extra", "message"),
+    [
+        (["red", "blue=colour_rewards:blue"], [], "must read OBJECTIVE=MODULE:FUNCTION"),
+        (["red=colour_rewards", "blue=colour_rewards:blue"], [], "must read OBJECTIVE=MODULE:FUNCTION"),
+        (["red=colour_rewards:", "blue=colour_rewards:blue"], [], "must read OBJECTIVE=MODULE:FUNCTION"),
+        (["red=colour_rewards:red"], [], "no reward function for the tasks \\['blue'\\]"),
+        (["red=colour_rewards:red", "green=colour_rewards:blue"], [], "has no task 'green'"),
+        (["red=colour_rewards:red", "red=colour_rewards:blue"], [], "objective 'red' twice"),
+        (["red=no_such_module_xyz:red", "blue=colour_rewards:blue"], [], "importing 'no_such_module_xyz' failed"),
+        (["red=colour_rewards:nothing", "blue=colour_rewards:blue"], [], "has no attribute 'nothing'"),
+        (["red=colour_rewards:NOT_A_FUNCTION", "blue=colour_rewards:blue"], [], "is a int, not a function"),
+        (["red={root}/missing.py:red", "blue=colour_rewards:blue"], [], "is not a file"),
+        (["red=colour_rewards:broken", "blue=colour_rewards:blue"], [], "raised ZeroDivisionError"),
+        (["red=colour_rewards:red", "blue=colour_rewards:blue"], ["--data", "{root}/prompts.csv"], "not both"),
+        (["red=colour_rewards:red", "blue=colour_rewards:blue"], ["--reference", "1"], "--reference '1' must be 2"),
+        (["red=colour_rewards:red", "blue=colour_rewards:blue"], ["--prompt_column", "x"], "no column 'x'"),
+    ],
+)
+def test_bad_reward_specs_are_one_line_errors(lm_bundle, capsys, monkeypatch, rewards, extra, message):
+    root, _ = lm_bundle
+    monkeypatch.syspath_prepend(str(root))
+    prompts = str(root / ("prompts.csv" if "--prompt_column" in extra else "prompts.txt"))
+    argv = ["front", str(root / "bundle"), "--base", str(root / "base"), "--prompts", prompts, "--out",
+            str(root / "o"), "--points", "2", "--max_new_tokens", "2"]
+    for spec in rewards:
+        argv += ["--reward", spec.format(root=root)]
+    status, err = _run(argv + [item.format(root=root) for item in extra], capsys)
+    assert status == 2
+    assert re.search(message, _error_line(err)), err
+
+
+def test_reward_front_needs_prompts_and_rewards_together(lm_bundle, bundle, capsys):
+    root, _ = lm_bundle
+    status, err = _run(["front", str(root / "bundle"), "--out", str(root / "o"), "--reward", "red=m:f"], capsys)
+    assert status == 2 and "--reward needs --prompts FILE" in _error_line(err)
+    status, err = _run(["front", str(root / "bundle"), "--out", str(root / "o"), "--prompts",
+                        str(root / "prompts.txt")], capsys)
+    assert status == 2 and "one --reward" in _error_line(err)
+    path, _ = bundle  # a MultiTaskModel (image) bundle has no reward front
+    status, err = _run(["front", path, "--out", str(root / "o"), "--prompts", str(root / "prompts.txt"), "--reward",
+                        "left=m:f", "--reward", "right=m:g"], capsys)
+    assert status == 2 and "causal-LM bundle" in _error_line(err)
+
+
+def test_front_help_names_the_reward_front_and_warns_that_rewards_run(capsys):
+    with pytest.raises(SystemExit):
+        main(["front", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--reward helpful=mypkg.rewards:helpful" in help_text
+    assert "they are imported and run" in help_text
+
+
+def test_cli_help_imports_neither_trl_nor_the_alignment_package():
+    code = ("import sys\nfrom peft_palora.cli import main\ntry:\n    main(['front', '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint(sorted(m for m in sys.modules if m == 'trl' or m.startswith(('trl.', "
+            "'peft_palora.alignment'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
