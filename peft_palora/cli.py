@@ -1,9 +1,10 @@
 """The `palora` command line: inspect a PaLoRA bundle, evaluate its Pareto front, export one point of it as a LoRA.
 
 A thin shell over the library: `palora info` reads a bundle's config and tensor shapes, `palora front` loads a
-`MultiTaskModel` bundle and evaluates it on the user's data file (`peft_palora.fronts.data.load_front_data`) over a
-preference grid -- or, given `--prompts` and one `--reward objective=module:function` per task, measures a causal-LM
-bundle's reward front with `peft_palora.alignment.front.evaluate_reward_front` (imported only then) --
+`MultiTaskModel` bundle and measures its front on the user's data file (`peft_palora.fronts.data.load_front_data`
+then `data_front_report`) -- or, given `--prompts` and one `--reward objective=module:function` per task, loads a
+causal-LM bundle and measures its reward front with `peft_palora.fronts.data.read_prompts` and
+`peft_palora.alignment.front`'s `load_reward_functions` and `reward_front_report` (imported only then) --
 `palora export-lora` and `palora export-task-loras` call `peft_palora.interop.lora`'s
 `export_lora_from_bundle` and `export_task_loras_from_bundle`. `examples/train_mtl.py` writes its test split next
 to its bundle, so its front is measured again with
@@ -282,16 +283,8 @@ def run_front(
     `label_columns`, `max_samples`, ...). Writes `front.csv`, `front.json` and the plots to `out`. A progress bar
     over preferences x batches goes to stderr unless `quiet`.
     """
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from peft_palora.fronts.data import load_front_data
-    from peft_palora.fronts.evaluation import evaluate_front, evaluate_multitask, write_front_report
-    from peft_palora.fronts.plotting import plot_metrics_vs_preference
-    from peft_palora.preferences import simplex_grid
+    from peft_palora.fronts.data import data_front_report, load_front_data
     from peft_palora.training.multitask import MultiTaskModel
-    from peft_palora.utils.atomic import atomic_write_text
 
     for name, value, least in (("--points", points, 2), ("--batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -301,29 +294,7 @@ def run_front(
     with _quiet_transformers():
         model = MultiTaskModel.from_pretrained(base_model, bundle).eval()
     data = load_front_data(data_file, model, tokenizer, **data_options)
-    model.label_columns = data.label_columns
-    loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=data.collate_fn)
-    grid = simplex_grid(model.num_tasks, points)
-    with tqdm(
-        total=len(grid) * len(loader), desc=f"front ({len(grid)} preferences)", unit="batch", file=sys.stderr,
-        disable=quiet, leave=False,
-    ) as bar:
-
-        def batches() -> Iterator[Any]:
-            for batch in loader:
-                yield batch
-                bar.update(1)
-
-        with torch.no_grad():
-            table = evaluate_front(model, grid, lambda m: evaluate_multitask(m, batches()), task_names=model.task_names)
-    os.makedirs(out, exist_ok=True)
-    table_path = os.path.join(out, "front.csv")
-    atomic_write_text(table_path, table.to_csv(index=False))
-    report = write_front_report(table, out, model.task_names, metric="accuracy")
-    plots = [report["plot"]] if report.get("plot") else []
-    metrics = {task: [f"{task}_accuracy"] for task in model.task_names}
-    plots.append(plot_metrics_vs_preference(table, path=os.path.join(out, "accuracy_vs_preference.png"), metrics=metrics))
-    return {**report, "metric": "accuracy", "table": table_path, "plots": plots}
+    return data_front_report(model, data, out, points, batch_size, progress=not quiet)
 
 
 def _read_multitask_metadata(bundle: str) -> dict[str, Any]:
@@ -333,118 +304,7 @@ def _read_multitask_metadata(bundle: str) -> dict[str, Any]:
     return _read_json_object(path, "") if os.path.isfile(path) else {}
 
 
-
 # ---------------------------------------------------------------------------------------------------- palora front (rewards)
-def parse_reward(spec: str) -> tuple[str, str, str]:
-    """`objective=module:function` (or `objective=path/to/file.py:function`) -> (objective, module, function)."""
-    objective, equals, target = spec.partition("=")
-    module, colon, function = target.rpartition(":")
-    if not equals or not objective.strip() or not colon or not module.strip() or not function.strip():
-        raise CLIError(f"--reward {spec!r} must read OBJECTIVE=MODULE:FUNCTION, e.g. helpful=mypkg.rewards:helpful.")
-    if not function.strip().isidentifier():
-        raise CLIError(f"--reward {spec!r}: {function!r} is not a function name.")
-    return objective.strip(), module.strip(), function.strip()
-
-
-def _import_module(module: str, spec: str) -> Any:
-    """Import the user's reward module: a dotted name (the current directory is searched first, as `python -m`
-    does) or a `.py` file."""
-    import importlib
-    import importlib.util
-
-    try:
-        if module.endswith(".py") or os.sep in module or (os.altsep and os.altsep in module):
-            if not os.path.isfile(module):
-                raise CLIError(f"--reward {spec!r}: {module!r} is not a file.")
-            name = "palora_reward_" + os.path.splitext(os.path.basename(module))[0].replace("-", "_")
-            loader_spec = importlib.util.spec_from_file_location(name, module)
-            if loader_spec is None or loader_spec.loader is None:
-                raise CLIError(f"--reward {spec!r}: cannot import {module!r} as a Python file.")
-            loaded = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(loaded)
-            return loaded
-        added = os.getcwd() not in sys.path
-        if added:
-            sys.path.insert(0, os.getcwd())
-        try:
-            return importlib.import_module(module)
-        finally:
-            if added:
-                sys.path.remove(os.getcwd())
-    except CLIError:
-        raise
-    except BaseException as error:  # the user's code: any exception (even SystemExit) is reported on one line
-        if isinstance(error, KeyboardInterrupt):
-            raise
-        raise CLIError(f"--reward {spec!r}: importing {module!r} failed ({type(error).__name__}: "
-                       f"{_one_line(error)})") from None
-
-
-def _reported(function: Any, spec: str) -> Any:
-    """`function`, whose exceptions (the user's code failing) become one-line `--reward` errors."""
-
-    def reward(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return function(*args, **kwargs)
-        except Exception as error:
-            raise CLIError(f"--reward {spec!r} raised {type(error).__name__}: {_one_line(error)}") from error
-
-    return reward
-
-
-def load_reward_functions(specs: Sequence[str], task_names: Sequence[str]) -> dict[str, Any]:
-    """`{objective: function}` from `--reward` specs; one per task name of the bundle, each imported and callable."""
-    functions: dict[str, Any] = {}
-    for spec in specs:
-        objective, module, name = parse_reward(spec)
-        if objective in functions:
-            raise CLIError(f"--reward gives the objective {objective!r} twice.")
-        if objective not in task_names:
-            raise CLIError(f"--reward {spec!r}: the bundle has no task {objective!r}; its tasks are "
-                           f"{list(task_names)}.")
-        function = getattr(_import_module(module, spec), name, None)
-        if function is None:
-            raise CLIError(f"--reward {spec!r}: module {module!r} has no attribute {name!r}.")
-        if not callable(function):
-            raise CLIError(f"--reward {spec!r}: {module}:{name} is a {type(function).__name__}, not a function.")
-        functions[objective] = _reported(function, spec)
-    missing = [task for task in task_names if task not in functions]
-    if missing:
-        raise CLIError(f"--reward: no reward function for the tasks {missing}; give one OBJECTIVE=MODULE:FUNCTION "
-                       f"per task of the bundle ({', '.join(task_names)}).")
-    return functions
-
-
-def read_prompts(path: str, column: str = "prompt", data_format: str | None = None,
-                 max_samples: int | None = None) -> list[str]:
-    """The prompts of `path`: one per line of a `.txt` file (blank lines skipped), else the `column` of a table
-    (`.csv`, `.tsv`, `.json`, `.jsonl`, `.parquet`) read by `peft_palora.fronts.data.read_data_file`."""
-    if not os.path.isfile(path):
-        raise CLIError(f"--prompts {path!r} is not a file.")
-    if data_format is None and os.path.splitext(path)[1].lower() == ".txt":
-        try:
-            with open(path, encoding="utf-8") as handle:
-                prompts = [line.rstrip("\r\n") for line in handle if line.strip()]
-        except (OSError, UnicodeDecodeError) as error:
-            raise CLIError(f"--prompts {path!r} is not readable text ({_one_line(error)}).") from None
-    else:
-        from peft_palora.fronts.data import read_data_file
-
-        table = read_data_file(path, data_format)
-        if column not in table.column_names:
-            raise CLIError(f"--prompts {path!r} has no column {column!r} (columns: {table.column_names}); name the "
-                           "prompt column with --prompt_column.")
-        prompts = table[column]
-        for index, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise CLIError(f"--prompts {path!r}: row {index} of column {column!r} is a "
-                               f"{type(prompt).__name__}, not a string.")
-    prompts = prompts[:max_samples] if max_samples else prompts
-    if not prompts:
-        raise CLIError(f"--prompts {path!r} holds no prompts.")
-    return prompts
-
-
 def _parse_reference(text: str | None, num_tasks: int) -> list[float] | None:
     if text is None:
         return None
@@ -490,22 +350,15 @@ def _load_causal_lm(bundle: str, base: str | None) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _json_number(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def run_reward_front(
     bundle: str, out: str, prompts_file: str, rewards: Sequence[str], base: str | None = None, points: int = 11,
     batch_size: int = 1000, max_new_tokens: int = 32, reference: str | None = None, prompt_column: str = "prompt",
     data_format: str | None = None, max_samples: int | None = None,
 ) -> dict[str, Any]:
-    """The reward front of a causal-LM bundle: `peft_palora.alignment.front.evaluate_reward_front` over
+    """The reward front of a causal-LM bundle: `peft_palora.alignment.front.reward_front_report` over
     `simplex_grid(T, points)` (greedy generation), scored by the user's reward functions (`rewards`, each
-    `objective=module:function`, imported and run). Writes `front.csv`, `front.json`, `completions.jsonl` and the
-    plots to `out`."""
-    from peft_palora.fronts.plotting import plot_metrics_vs_preference
-    from peft_palora.utils.atomic import atomic_write_text
-
+    `objective=module:function`, imported and run by `load_reward_functions`). Writes `front.csv`, `front.json`,
+    `completions.jsonl` and the plots to `out`."""
     for name, value, least in (("--points", points, 2), ("--batch_size", batch_size, 1),
                                ("--max_new_tokens", max_new_tokens, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -516,42 +369,14 @@ def run_reward_front(
                        f"{config.get('task_type')!r}. Use --data FILE for a MultiTaskModel bundle.")
     task_names = config.get("task_names") or [str(task) for task in range(config["num_tasks"])]
     reference_point = _parse_reference(reference, len(task_names))
+    from peft_palora.alignment.front import load_reward_functions, reward_front_report
+    from peft_palora.fronts.data import read_prompts
+
     prompts = read_prompts(prompts_file, prompt_column, data_format, max_samples)
     functions = load_reward_functions(rewards, task_names)
     model, tokenizer = _load_causal_lm(bundle, base)
-
-    from peft_palora.alignment.front import evaluate_reward_front
-
-    os.makedirs(out, exist_ok=True)
-    plot_path = os.path.join(out, "front.png") if len(task_names) == 2 else None
-    table, summary = evaluate_reward_front(
-        model, prompts, functions, points, processing_class=tokenizer, reference=reference_point,
-        batch_size=batch_size, plot_path=plot_path, max_new_tokens=max_new_tokens,
-    )
-    table_path = os.path.join(out, "front.csv")
-    atomic_write_text(table_path, table.to_csv(index=False))
-    completions = summary.pop("completions")
-    rows = [
-        {"preference": table.loc[index // len(prompts), [f"pref_{task}" for task in task_names]].tolist(),
-         "prompt": prompts[index % len(prompts)], "completion": completion}
-        for index, completion in enumerate(completions)
-    ]
-    completions_path = os.path.join(out, "completions.jsonl")
-    atomic_write_text(completions_path, "".join(json.dumps(row) + "\n" for row in rows))
-    report = {
-        "task_names": list(task_names), "metric": "reward", "maximize": True,
-        **{key: _json_number(value) for key, value in summary.items() if key != "plot"},
-        "num_prompts": len(prompts), "max_new_tokens": max_new_tokens,
-        "front": table.to_dict(orient="records"),
-    }
-    json_path = os.path.join(out, "front.json")
-    atomic_write_text(json_path, json.dumps(report, indent=2))
-    plots = [summary["plot"]] if summary.get("plot") else []
-    metrics = {task: [f"{task}_reward"] for task in task_names}
-    plots.append(plot_metrics_vs_preference(table, path=os.path.join(out, "reward_vs_preference.png"),
-                                            metrics=metrics))
-    return {**report, "metric": "reward", "table": table_path, "json": json_path, "completions": completions_path,
-            "plots": plots}
+    return reward_front_report(model, prompts, functions, points, out, processing_class=tokenizer,
+                               reference=reference_point, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 
 def cmd_front(args: argparse.Namespace) -> int:

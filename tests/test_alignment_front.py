@@ -117,3 +117,152 @@ def test_bad_inputs(policy):
         evaluate_reward_front(policy, PROMPTS, funcs, 3, reference=[5.0, 5.0], **run)
     with pytest.raises(TypeError, match="PaLoRA PEFT model"):
         evaluate_reward_front(make_model("llama"), PROMPTS, funcs, 3, **run)
+
+
+# ---------------------------------------------------------------- library functions behind `palora front --prompts`
+REWARD_MODULE = """
+from tiny_lm import BLUE_WORDS, RED_WORDS, colour_share
+
+
+def red(prompts, completions, **kwargs):
+    return [colour_share(c, RED_WORDS) for c in completions]
+
+
+def broken(prompts, completions, **kwargs):
+    return 1 / 0
+
+
+NOT_A_FUNCTION = 3
+"""
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    """A reward module `front_rewards` on sys.path (and as a file)."""
+    (tmp_path / "front_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path / "front_rewards.py"
+
+
+def test_parse_reward_spec():
+    from peft_palora.alignment.front import parse_reward_spec
+
+    assert parse_reward_spec(" helpful = mypkg.rewards:helpful ") == ("helpful", "mypkg.rewards", "helpful")
+    assert parse_reward_spec("b=C:/dir/r.py:brief") == ("b", "C:/dir/r.py", "brief")  # the last colon splits
+    for spec in ("red", "red=module", "red=module:", "=module:red", "red=:f"):
+        with pytest.raises(ValueError, match="`rewards` entry .* must read OBJECTIVE=MODULE:FUNCTION"):
+            parse_reward_spec(spec)
+    with pytest.raises(ValueError, match="is not a function name"):
+        parse_reward_spec("red=module:not-a-name")
+    with pytest.raises(TypeError, match="`rewards` entry must be a string"):
+        parse_reward_spec(3)
+
+
+def test_load_reward_functions_imports_by_name_and_by_file(reward_module):
+    import importlib
+
+    from peft_palora.alignment.front import load_reward_functions
+
+    functions = load_reward_functions([f"blue={reward_module}:red", "red=front_rewards:red"], ["red", "blue"])
+    assert list(functions) == ["red", "blue"]  # task order, not the order given
+    completions = ["red red apple", "blue sky"]
+    expected = importlib.import_module("front_rewards").red(prompts=["p", "q"], completions=completions)
+    assert expected == [colour_share(c, RED_WORDS) for c in completions]  # the user's function, independently
+    for function in functions.values():
+        assert function(prompts=["p", "q"], completions=completions) == expected
+
+
+@pytest.mark.parametrize(
+    ("specs", "error", "message"),
+    [
+        (["red=front_rewards:red"], ValueError, "no reward function for the tasks \\['blue'\\]"),
+        (["red=front_rewards:red", "green=front_rewards:red"], ValueError, "has no task 'green'"),
+        (["red=front_rewards:red", "red=front_rewards:red"], ValueError, "objective 'red' twice"),
+        (["red=no_such_module_xyz:red"], ValueError, "importing 'no_such_module_xyz' failed \\(ModuleNotFoundError"),
+        (["red=front_rewards:nothing"], ValueError, "has no attribute 'nothing'"),
+        (["red=front_rewards:NOT_A_FUNCTION"], TypeError, "is a int, not a function"),
+        (["red=missing/rewards.py:red"], ValueError, "'missing/rewards.py' is not a file"),
+        ("red=front_rewards:red", TypeError, "`rewards` must be a list"),
+    ],
+)
+def test_load_reward_functions_bad_specs(reward_module, specs, error, message):
+    from peft_palora.alignment.front import load_reward_functions
+
+    with pytest.raises(error, match=message):
+        load_reward_functions(specs, ["red", "blue"])
+
+
+def test_a_failing_reward_function_names_its_spec(reward_module):
+    from peft_palora.alignment.front import load_reward_functions
+
+    functions = load_reward_functions(["red=front_rewards:broken", "blue=front_rewards:red"], ["red", "blue"])
+    with pytest.raises(ValueError, match="`rewards` entry 'red=front_rewards:broken' raised ZeroDivisionError") as info:
+        functions["red"](prompts=["p"], completions=["c"])
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def test_an_import_that_exits_is_a_value_error(tmp_path):
+    from peft_palora.alignment.front import load_reward_functions
+
+    (tmp_path / "exits.py").write_text("raise SystemExit(3)\n")
+    with pytest.raises(ValueError, match="importing .* failed \\(SystemExit: 3\\)"):
+        load_reward_functions([f"red={tmp_path / 'exits.py'}:red"], ["red"])
+
+
+def test_reward_front_report_writes_what_evaluate_reward_front_returns(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from peft_palora.alignment.front import reward_front_report
+
+    torch.manual_seed(5)
+    config = PaLoRAConfig(task_names=["red", "blue"], r=4, palora_alpha=16, target_modules=["q_proj", "v_proj"],
+                          init_weights=False, task_type="CAUSAL_LM")
+    policy = get_peft_model(make_model("llama", seed=1), config).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected, summary = evaluate_reward_front(policy, PROMPTS, reward_funcs(), 3, processing_class=make_tokenizer(),
+                                                  max_new_tokens=4)
+        report = reward_front_report(policy, PROMPTS, reward_funcs(), 3, tmp_path / "out",
+                                     processing_class=make_tokenizer(), max_new_tokens=4)
+    out = tmp_path / "out"
+    pd.testing.assert_frame_equal(pd.read_csv(out / "front.csv"), expected, check_exact=False, rtol=1e-12)
+    stored = json.loads((out / "front.json").read_text())
+    assert stored == {key: value for key, value in report.items()
+                      if key not in ("table", "json", "completions", "plots")}
+    assert stored["hypervolume"] == pytest.approx(summary["hypervolume"], rel=1e-12)
+    assert stored["reference"] == pytest.approx(summary["reference"])
+    assert stored["num_prompts"] == 2 and stored["max_new_tokens"] == 4 and stored["metric"] == "reward"
+    assert len(stored["front"]) == 3
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [row["completion"] for row in rows] == summary["completions"]
+    grid = simplex_grid(2, 3).tolist()
+    assert [row["preference"] for row in rows] == [grid[k] for k in range(3) for _ in PROMPTS]
+    assert [row["prompt"] for row in rows] == PROMPTS * 3
+    assert report["plots"] == [str(out / "front.png"), str(out / "reward_vs_preference.png")]
+    for plot in report["plots"]:
+        assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_read_prompts(tmp_path):
+    import pandas as pd
+
+    from peft_palora.fronts.data import read_prompts
+
+    (tmp_path / "p.txt").write_text("first prompt\n\n  \nsecond one\r\nthird\n")
+    assert read_prompts(str(tmp_path / "p.txt")) == ["first prompt", "second one", "third"]
+    assert read_prompts(str(tmp_path / "p.txt"), max_samples=2) == ["first prompt", "second one"]
+    pd.DataFrame({"text": ["a", "b c"], "n": [1, 2]}).to_csv(tmp_path / "p.csv", index=False)
+    assert read_prompts(str(tmp_path / "p.csv"), column="text") == ["a", "b c"]
+    with pytest.raises(ValueError, match="`column`: .* has no column 'prompt'"):
+        read_prompts(str(tmp_path / "p.csv"))
+    with pytest.raises(TypeError, match="row 0 of column 'n' is a int, not a string"):
+        read_prompts(str(tmp_path / "p.csv"), column="n")
+    with pytest.raises(ValueError, match="`prompts_file` .* is not a file"):
+        read_prompts(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_prompts(str(tmp_path / "empty.txt"))
+    with pytest.raises(ValueError, match="`max_samples` must be a positive integer"):
+        read_prompts(str(tmp_path / "p.txt"), max_samples=0)

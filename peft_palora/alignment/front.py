@@ -8,8 +8,12 @@ with the hypervolume and the preference-to-reward consistency.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -242,4 +246,170 @@ def evaluate_reward_front(
     return table, summary
 
 
-__all__ = ["default_reference", "evaluate_reward_front"]
+def _flat(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def parse_reward_spec(spec: str) -> tuple[str, str, str]:
+    """``"objective=module:function"`` (or ``"objective=path/to/file.py:function"``) -> ``(objective, module,
+    function)``. Only the syntax is checked; :func:`load_reward_functions` imports the module."""
+    if not isinstance(spec, str):
+        raise TypeError(f"a `rewards` entry must be a string OBJECTIVE=MODULE:FUNCTION, got {type(spec).__name__}.")
+    objective, equals, target = spec.partition("=")
+    module, colon, function = target.rpartition(":")
+    if not equals or not objective.strip() or not colon or not module.strip() or not function.strip():
+        raise ValueError(f"`rewards` entry {spec!r} must read OBJECTIVE=MODULE:FUNCTION, e.g. "
+                         "helpful=mypkg.rewards:helpful.")
+    if not function.strip().isidentifier():
+        raise ValueError(f"`rewards` entry {spec!r}: {function!r} is not a function name.")
+    return objective.strip(), module.strip(), function.strip()
+
+
+def _import_module(module: str, spec: str) -> Any:
+    """Import the user's reward module: a dotted name (the current directory is searched first, as ``python -m``
+    does) or a ``.py`` file. Any exception of the user's code (even ``SystemExit``) becomes a ``ValueError``."""
+    from_file = module.endswith(".py") or os.sep in module or bool(os.altsep and os.altsep in module)
+    if from_file:
+        if not os.path.isfile(module):
+            raise ValueError(f"`rewards` entry {spec!r}: {module!r} is not a file.")
+        name = "palora_reward_" + os.path.splitext(os.path.basename(module))[0].replace("-", "_")
+        loader_spec = importlib.util.spec_from_file_location(name, module)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ValueError(f"`rewards` entry {spec!r}: cannot import {module!r} as a Python file.")
+    try:
+        if from_file:
+            loaded = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(loaded)
+            return loaded
+        added = os.getcwd() not in sys.path
+        if added:
+            sys.path.insert(0, os.getcwd())
+        try:
+            return importlib.import_module(module)
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # the user's code: any exception is reported on one line
+        raise ValueError(f"`rewards` entry {spec!r}: importing {module!r} failed ({type(error).__name__}: "
+                         f"{_flat(error)})") from None
+
+
+def _reported(function: Any, spec: str) -> Any:
+    """``function``, whose exceptions (the user's code failing) become ``ValueError`` naming ``spec``."""
+
+    def reward(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            raise ValueError(f"`rewards` entry {spec!r} raised {type(error).__name__}: {_flat(error)}") from error
+
+    return reward
+
+
+def load_reward_functions(rewards: Sequence[str], task_names: Sequence[str]) -> dict[str, Any]:
+    """``{objective: function}`` from ``objective=module:function`` specs, one per task name, in task order.
+
+    ``module`` is a dotted module name (the current directory is searched first, like ``python -m``) or a ``.py``
+    file. **The modules are imported and run**: name only code you trust. Each function is wrapped so that an
+    exception it raises while scoring becomes a ``ValueError`` naming its spec (the original is chained).
+
+    Raises:
+        ValueError / TypeError: naming ``rewards`` and the entry (a malformed spec, an objective that is not in
+            ``task_names`` or given twice, a task without a reward, a module that fails to import, a missing or
+            non-callable function).
+    """
+    if isinstance(rewards, str) or not isinstance(rewards, Sequence):
+        raise TypeError(f"`rewards` must be a list of OBJECTIVE=MODULE:FUNCTION strings, got {type(rewards).__name__}.")
+    task_names = [str(task) for task in task_names]
+    functions: dict[str, Any] = {}
+    for spec in rewards:
+        objective, module, name = parse_reward_spec(spec)
+        if objective in functions:
+            raise ValueError(f"`rewards` gives the objective {objective!r} twice.")
+        if objective not in task_names:
+            raise ValueError(f"`rewards` entry {spec!r}: the model has no task {objective!r}; its tasks are "
+                             f"{task_names}.")
+        function = getattr(_import_module(module, spec), name, None)
+        if function is None:
+            raise ValueError(f"`rewards` entry {spec!r}: module {module!r} has no attribute {name!r}.")
+        if not callable(function):
+            raise TypeError(f"`rewards` entry {spec!r}: {module}:{name} is a {type(function).__name__}, not a "
+                            "function.")
+        functions[objective] = _reported(function, spec)
+    missing = [task for task in task_names if task not in functions]
+    if missing:
+        raise ValueError(f"`rewards`: no reward function for the tasks {missing}; give one "
+                         f"OBJECTIVE=MODULE:FUNCTION per task ({', '.join(task_names)}).")
+    return {task: functions[task] for task in task_names}
+
+
+def _json_number(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def reward_front_report(
+    model: Any,
+    prompts: Sequence[str],
+    reward_funcs: Mapping[str, Callable[..., Sequence[float]] | nn.Module],
+    preferences: Any,
+    output_dir: str | os.PathLike,
+    *,
+    processing_class: Any,
+    reference: Sequence[float] | None = None,
+    batch_size: int | None = None,
+    max_new_tokens: int = 32,
+    **generation_kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`evaluate_reward_front` (greedy by default), written to ``output_dir``.
+
+    Writes ``front.csv`` (the table), ``front.json`` (the summary with ``NaN`` as ``null``, ``num_prompts``,
+    ``max_new_tokens`` and the table's rows under ``front``), ``completions.jsonl`` (one ``{"preference", "prompt",
+    "completion"}`` per generated row), ``front.png`` (two objectives) and ``reward_vs_preference.png``.
+
+    Returns:
+        what ``front.json`` holds, plus the paths ``table``, ``json``, ``completions`` and ``plots`` (a list).
+
+    Raises:
+        TypeError / ValueError: those of :func:`evaluate_reward_front`, naming the argument.
+    """
+    from peft_palora.fronts.plotting import plot_metrics_vs_preference
+    from peft_palora.utils.atomic import atomic_write_text
+
+    names = _task_names(_palora_config(model))
+    prompt_list = _check_prompts(prompts)
+    out = os.fspath(output_dir)
+    os.makedirs(out, exist_ok=True)
+    plot_path = os.path.join(out, "front.png") if len(names) == 2 else None
+    table, summary = evaluate_reward_front(
+        model, prompt_list, reward_funcs, preferences, processing_class=processing_class, reference=reference,
+        batch_size=batch_size, plot_path=plot_path, max_new_tokens=max_new_tokens, **generation_kwargs,
+    )
+    table_path = os.path.join(out, "front.csv")
+    atomic_write_text(table_path, table.to_csv(index=False))
+    completions = summary.pop("completions")
+    rows = [
+        {"preference": table.loc[index // len(prompt_list), [f"pref_{task}" for task in names]].tolist(),
+         "prompt": prompt_list[index % len(prompt_list)], "completion": completion}
+        for index, completion in enumerate(completions)
+    ]
+    completions_path = os.path.join(out, "completions.jsonl")
+    atomic_write_text(completions_path, "".join(json.dumps(row) + "\n" for row in rows))
+    report = {
+        "task_names": list(names), "metric": "reward", "maximize": True,
+        **{key: _json_number(value) for key, value in summary.items() if key != "plot"},
+        "num_prompts": len(prompt_list), "max_new_tokens": max_new_tokens,
+        "front": table.to_dict(orient="records"),
+    }
+    json_path = os.path.join(out, "front.json")
+    atomic_write_text(json_path, json.dumps(report, indent=2))
+    plots = [summary["plot"]] if summary.get("plot") else []
+    metrics = {task: [f"{task}_reward"] for task in names}
+    plots.append(plot_metrics_vs_preference(table, path=os.path.join(out, "reward_vs_preference.png"),
+                                            metrics=metrics))
+    return {**report, "table": table_path, "json": json_path, "completions": completions_path, "plots": plots}
+
+
+__all__ = ["default_reference", "evaluate_reward_front", "load_reward_functions", "parse_reward_spec",
+           "reward_front_report"]

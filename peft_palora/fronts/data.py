@@ -274,3 +274,103 @@ def load_front_data(
         )
         dataset = datasets.Dataset.from_dict({"pixel_values": pixels, **labels}, features=features)
     return FrontData(dataset.with_format("torch"), collate_fn, {task: f"labels_{task}" for task in task_names})
+
+
+def read_prompts(
+    prompts_file: str, column: str = "prompt", data_format: str | None = None, max_samples: int | None = None
+) -> list[str]:
+    """The prompts of ``prompts_file``: one per line of a ``.txt`` file (blank lines skipped), else the ``column`` of
+    a table (``.csv``, ``.tsv``, ``.json``, ``.jsonl``, ``.parquet``, or ``data_format``) read by
+    :func:`read_data_file`. ``max_samples`` keeps the first N prompts.
+
+    Raises:
+        ValueError / TypeError: naming the argument (not a file, unreadable text, no such column, a non-string
+            prompt, no prompts at all, a ``max_samples`` that is not a positive integer).
+    """
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise ValueError(f"`max_samples` must be a positive integer, got {max_samples!r}.")
+    if not isinstance(prompts_file, (str, os.PathLike)) or not os.path.isfile(prompts_file):
+        raise ValueError(f"`prompts_file` {prompts_file!r} is not a file.")
+    if data_format is None and os.path.splitext(prompts_file)[1].lower() == ".txt":
+        try:
+            with open(prompts_file, encoding="utf-8") as handle:
+                prompts = [line.rstrip("\r\n") for line in handle if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            message = " ".join(str(error).split()) or type(error).__name__
+            raise ValueError(f"`prompts_file` {prompts_file!r} is not readable text ({message}).") from None
+    else:
+        table = read_data_file(prompts_file, data_format)
+        if column not in table.column_names:
+            raise ValueError(f"`column`: {prompts_file!r} has no column {column!r} (columns: {table.column_names}).")
+        prompts = table[column]
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"`prompts_file` {prompts_file!r}: row {index} of column {column!r} is a "
+                                f"{type(prompt).__name__}, not a string.")
+    prompts = list(prompts[:max_samples] if max_samples else prompts)
+    if not prompts:
+        raise ValueError(f"`prompts_file` {prompts_file!r} holds no prompts.")
+    return prompts
+
+
+def data_front_report(
+    model: Any, data: FrontData, output_dir: str | os.PathLike, points: int = 11, batch_size: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a multi-task model on ``data`` (what :func:`load_front_data` returns) at every preference of
+    ``simplex_grid(T, points)``, and write the front to ``output_dir``.
+
+    Sets ``model.label_columns`` to ``data.label_columns`` and evaluates with
+    :func:`~peft_palora.fronts.evaluation.evaluate_multitask` (loss and accuracy per task) in batches of
+    ``batch_size`` under ``torch.no_grad``; a progress bar over preferences x batches goes to stderr if
+    ``progress``. Writes ``front.csv``, then :func:`~peft_palora.fronts.evaluation.write_front_report`'s
+    ``front.json`` and ``front.png``, and ``accuracy_vs_preference.png``.
+
+    Returns:
+        the report of ``write_front_report`` plus ``metric`` (``"accuracy"``), ``table`` (the CSV's path) and
+        ``plots`` (a list of paths).
+
+    Raises:
+        ValueError: ``points`` (< 2) or ``batch_size`` (< 1) not an integer in range.
+    """
+    import sys
+
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from peft_palora.fronts.evaluation import evaluate_front, evaluate_multitask, write_front_report
+    from peft_palora.fronts.plotting import plot_metrics_vs_preference
+    from peft_palora.preferences import simplex_grid
+    from peft_palora.utils.atomic import atomic_write_text
+
+    for name, value, least in (("points", points, 2), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"`{name}` must be an integer >= {least}, got {value!r}.")
+    task_names = list(model.task_names)
+    model.label_columns = data.label_columns
+    loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=data.collate_fn)
+    grid = simplex_grid(len(task_names), points)
+    with tqdm(
+        total=len(grid) * len(loader), desc=f"front ({len(grid)} preferences)", unit="batch", file=sys.stderr,
+        disable=not progress, leave=False,
+    ) as bar:
+
+        def batches() -> Any:
+            for batch in loader:
+                yield batch
+                bar.update(1)
+
+        with torch.no_grad():
+            table = evaluate_front(model, grid, lambda m: evaluate_multitask(m, batches()), task_names=task_names)
+    out = os.fspath(output_dir)
+    os.makedirs(out, exist_ok=True)
+    table_path = os.path.join(out, "front.csv")
+    atomic_write_text(table_path, table.to_csv(index=False))
+    report = write_front_report(table, out, task_names, metric="accuracy")
+    plots = [report["plot"]] if report.get("plot") else []
+    metrics = {task: [f"{task}_accuracy"] for task in task_names}
+    plots.append(plot_metrics_vs_preference(table, path=os.path.join(out, "accuracy_vs_preference.png"),
+                                            metrics=metrics))
+    return {**report, "metric": "accuracy", "table": table_path, "plots": plots}
