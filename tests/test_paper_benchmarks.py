@@ -506,6 +506,7 @@ def test_epochs_to_fraction_matches_hand_computation():
     assert convergence.epochs_to_fraction([0.7, 0.5, 0.6]) == 1
     assert convergence.epochs_to_fraction([0.2, 0.66, 0.7]) == 3  # 0.66 < 0.95 * 0.7 = 0.665
     assert convergence.epochs_to_fraction([0.2]) == 1
+    assert convergence.epochs_to_fraction([0.0, 0.0]) is None  # never inside the reference box
     assert convergence.epochs_to_fraction([0.1, 0.5, 1.0], fraction=0.5) == 2
     for bad in ([], [[0.1]], [float("nan")]):
         with pytest.raises(ValueError, match="hypervolumes"):

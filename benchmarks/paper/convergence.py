@@ -37,13 +37,16 @@ SOURCES = (
 FRACTION = 0.95
 
 
-def epochs_to_fraction(hypervolumes: Sequence[float], fraction: float = FRACTION) -> int:
-    """The first epoch (1-based) whose hypervolume is at least ``fraction`` times the last one."""
+def epochs_to_fraction(hypervolumes: Sequence[float], fraction: float = FRACTION) -> int | None:
+    """The first epoch (1-based) whose hypervolume is at least ``fraction`` times the last one; ``None`` when the
+    last one is 0 (the front never got inside the reference box: no epoch to report)."""
     values = np.asarray(hypervolumes, dtype=np.float64)
     if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
         raise ValueError(f"`hypervolumes` must be a non-empty 1-D sequence of finite numbers, got {hypervolumes!r}.")
     if not 0 < fraction <= 1:
         raise ValueError(f"`fraction` must be in (0, 1], got {fraction!r}.")
+    if values[-1] <= 0:
+        return None
     return int(np.argmax(values >= fraction * values[-1])) + 1
 
 
@@ -88,10 +91,11 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         "| --- | --- | ---: | ---: | ---: | --- | ---: | --- |",
     ]
     for row in rows:
-        curve = ", ".join(f"{v:.3f}" for v in row["hypervolume"])
+        curve = ", ".join(f"{v:.4f}" for v in row["hypervolume"])
+        reached = "n/a (HV 0)" if row["epochs_to_95"] is None else row["epochs_to_95"]
         final = "" if row["final_full_grid"] is None else f"{row['final_full_grid']:.4f}"
         lines.append(
-            f"| {row['setting']} | {row['method']} | {row['seed']} | {len(row['epochs'])} | {row['epochs_to_95']} "
+            f"| {row['setting']} | {row['method']} | {row['seed']} | {len(row['epochs'])} | {reached} "
             f"| {curve} | {final} | `{row['file']}` |"
         )
     configs = {}
@@ -115,7 +119,8 @@ def plot(rows: list[dict], path: Path) -> None:
             color = colors.get(row["method"], "tab:gray")
             label = f"{row['method']} seed {row['seed']} (95% at epoch {row['epochs_to_95']})"
             ax.plot(row["epochs"], row["hypervolume"], "o-", color=color, label=label, markersize=3)
-            ax.axvline(row["epochs_to_95"], color=color, alpha=0.3, linestyle=":")
+            if row["epochs_to_95"] is not None:
+                ax.axvline(row["epochs_to_95"], color=color, alpha=0.3, linestyle=":")
         ax.set(title=setting, xlabel="epoch", ylabel="test loss hypervolume")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
