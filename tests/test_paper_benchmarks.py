@@ -34,8 +34,10 @@ def _load_script(name: str):
     return module
 
 
+convergence = _load_script("convergence")
 memory = _load_script("memory")
 multimnist = _load_script("multimnist")
+multimnist3 = _load_script("multimnist3")
 schedule_ablation = _load_script("schedule_ablation")
 
 SMOKE = ["--max_steps", "3", "--num_train", "512", "--num_test", "256", "--seeds", "0"]
@@ -418,3 +420,120 @@ def test_overview_sets_settings_side_by_side_with_paired_differences(tmp_path):
 def test_overview_without_tables_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="run benchmarks/paper/multimnist.py first"):
         overview.main(["--results_dir", str(tmp_path)])
+
+
+# ---- MultiMNIST-3 and convergence -----------------------------------------------------------------------------------
+def test_multimnist3_images_are_three_digits_overlaid_on_the_diagonal():
+    mnist = paper_datasets.load_mnist_arrays()["validation"]
+    x, y = paper_datasets.make_multimnist3("validation")
+    assert x.shape == (10_000, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (10_000, 3)
+    # a full round uses every digit once in each position, never twice in one image
+    triples = paper_datasets.multimnist3_triples(10_000, 10_000, seed=0, split="validation")
+    for k in range(3):
+        assert torch.equal(triples[:, k].sort().values, torch.arange(10_000))
+        assert torch.equal(torch.bincount(y[:, k], minlength=10), torch.bincount(mnist[1]))
+    assert bool((triples[:, 0] != triples[:, 1]).all() and (triples[:, 1] != triples[:, 2]).all())
+    assert bool((triples[:, 0] != triples[:, 2]).all())
+    # hand-composed: digits at (0, 0), (7, 7), (14, 14) of a 42x42 canvas, brightest wins, bicubic resize to 28
+    index = 5
+    canvas = np.zeros((42, 42), dtype=np.float32)
+    for k, offset in enumerate((0, 7, 14)):
+        digit = mnist[0][triples[index, k]].numpy().astype(np.float32) / 255
+        canvas[offset : offset + 28, offset : offset + 28] = np.maximum(
+            canvas[offset : offset + 28, offset : offset + 28], digit
+        )
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(canvas)[None, None], size=(28, 28), mode="bicubic", antialias=True
+    )
+    torch.testing.assert_close(x[index], expected[0].clamp(0, 1))
+    assert y[index].tolist() == [int(mnist[1][triples[index, k]]) for k in range(3)]
+    small, small_labels = paper_datasets.make_multimnist3("validation", num_samples=7)
+    assert torch.equal(small, x[:7]) and torch.equal(small_labels, y[:7])
+    with pytest.raises(ValueError, match="split"):
+        paper_datasets.make_multimnist3("dev")
+    with pytest.raises(ValueError, match="digits"):
+        paper_datasets.compose_multimnist3(torch.zeros(2, 2, 28, 28))
+    with pytest.raises(ValueError, match="num_samples"):
+        paper_datasets.multimnist3_triples(10, 0)
+
+
+def test_task_losses_refuse_labels_of_another_task_count():
+    model = paper_models.MultiLeNet(("a", "b", "c"))
+    with pytest.raises(ValueError, match="labels"):
+        pt.task_losses(model(torch.zeros(2, 1, 28, 28)), torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_multimnist3_script_writes_finite_tables_and_epoch_curves(tmp_path):
+    result = multimnist3.main(SMOKE + ["--epochs", "2", "--output_dir", str(tmp_path)])
+    for name in ("multimnist3.md", "multimnist3.json", "multimnist3_front.png", "multimnist3_seed0.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    seed = json.loads((tmp_path / "multimnist3_seed0.json").read_text())
+    assert set(seed["methods"]) == set(multimnist3.METHODS)
+    for method, run in seed["methods"].items():
+        assert _finite(run["loss"]) and _finite(run["accuracy"]), method
+        assert 0.0 <= run["hypervolume"] <= 1.0
+        assert np.asarray(run["loss"]).shape[1] == 3
+        assert run["steps"] == (9 if method == "stl" else 3)
+    for method in ("palora", "palora_paper_conv", "pamal"):
+        run = seed["methods"][method]
+        assert len(run["loss"]) == 66 and run["preferences"] == pt.simplex_grid(3, 11).tolist()
+        assert [point["epoch"] for point in run["epoch_hypervolumes"]] == [1, 2]
+        assert [point["step"] for point in run["epoch_hypervolumes"]] == [2, 3]
+    assert abs(np.mean(seed["methods"]["ls"]["loss"]) - math.log(10)) < 0.3
+    assert set(result["paired_differences"]) == {"palora - pamal", "palora_paper_conv - pamal"}
+    assert "| PaMaL |" in (tmp_path / "multimnist3.md").read_text()
+    with pytest.raises(SystemExit):
+        multimnist3.main(["--epoch_grid", "1"])
+
+
+def test_log_every_epoch_records_the_hypervolume_of_each_epoch(tmp_path):
+    multimnist.main(
+        SMOKE + ["--epochs", "2", "--methods", "palora", "pamal", "--log_every_epoch", "--output_dir", str(tmp_path)]
+    )
+    seed = json.loads((tmp_path / "multimnist_seed0.json").read_text())
+    for method in ("palora", "pamal"):
+        curve = seed["methods"][method]["epoch_hypervolumes"]
+        assert [point["epoch"] for point in curve] == [1, 2] and [point["step"] for point in curve] == [2, 3]
+        # the last epoch's evaluation is the final evaluation: same model, grid and images
+        assert curve[-1]["hypervolume"] == pytest.approx(seed["methods"][method]["hypervolume"])
+    multimnist.main(SMOKE + ["--methods", "ls", "--output_dir", str(tmp_path / "plain")])
+    plain = json.loads((tmp_path / "plain" / "multimnist_seed0.json").read_text())
+    assert "epoch_hypervolumes" not in plain["methods"]["ls"]
+
+
+def test_epochs_to_fraction_matches_hand_computation():
+    assert convergence.epochs_to_fraction([0.1, 0.5, 0.6, 0.62, 0.6]) == 3  # 0.95 * 0.6 = 0.57
+    assert convergence.epochs_to_fraction([0.7, 0.5, 0.6]) == 1
+    assert convergence.epochs_to_fraction([0.2, 0.66, 0.7]) == 3  # 0.66 < 0.95 * 0.7 = 0.665
+    assert convergence.epochs_to_fraction([0.2]) == 1
+    assert convergence.epochs_to_fraction([0.0, 0.0]) is None  # never inside the reference box
+    assert convergence.epochs_to_fraction([0.1, 0.5, 1.0], fraction=0.5) == 2
+    for bad in ([], [[0.1]], [float("nan")]):
+        with pytest.raises(ValueError, match="hypervolumes"):
+            convergence.epochs_to_fraction(bad)
+    with pytest.raises(ValueError, match="fraction"):
+        convergence.epochs_to_fraction([0.1], fraction=1.5)
+
+
+def test_convergence_script_tabulates_stored_curves(tmp_path):
+    def curve(values):
+        return [{"epoch": i + 1, "step": 10 * (i + 1), "hypervolume": v} for i, v in enumerate(values)]
+
+    (tmp_path / "convergence").mkdir()
+    seed = {"seed": 0, "config": {"epochs": 3}, "methods": {}}
+    seed["methods"]["pamal"] = {"hypervolume": 0.7, "epoch_hypervolumes": curve([0.2, 0.67, 0.7])}
+    seed["methods"]["palora_paper_conv"] = {"hypervolume": 0.72, "epoch_hypervolumes": curve([0.69, 0.7, 0.72])}
+    seed["methods"]["ls"] = {"hypervolume": 0.6}  # no curve: not a row
+    (tmp_path / "convergence" / "multimnist_seed0.json").write_text(json.dumps(seed))
+    three = {"seed": 1, "config": {}, "methods": {"pamal": {"hypervolume": 0.3, "epoch_hypervolumes": curve([0.3])}}}
+    (tmp_path / "multimnist3_seed1.json").write_text(json.dumps(three))
+    rows = convergence.main(["--results_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    found = {(row["setting"], row["method"]): row["epochs_to_95"] for row in rows}
+    assert found == {
+        ("MultiMNIST, input scale 1", "pamal"): 2,
+        ("MultiMNIST, input scale 1", "palora_paper_conv"): 1,
+        ("MultiMNIST-3", "pamal"): 1,
+    }
+    for name in ("convergence.md", "convergence.json", "convergence.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    assert convergence.main(["--results_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o2")]) == []

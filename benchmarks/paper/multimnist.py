@@ -144,6 +144,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Where the fronts are evaluated: the 10k test images, or MNIST's 10k validation digits (for tuning "
         "the settings the paper leaves open without looking at the test set).",
     )
+    parser.add_argument(
+        "--log_every_epoch",
+        action="store_true",
+        help="Evaluate PaLoRA and PaMaL on the evaluation split after every epoch and store the loss hypervolumes in "
+        "the result (`epoch_hypervolumes`), for the convergence curves of convergence.py. Training is unchanged.",
+    )
     parser.add_argument("--output_dir", default=str(RESULTS_DIR))
     parser.add_argument("--aggregate_only", action="store_true", help="Only rebuild the tables from seed files.")
     args = parser.parse_args(argv)
@@ -210,6 +216,8 @@ def run_palora(args, seed, train_data, test_data, conv_r1: bool = False, paper_c
         prefs = sampler.sample(progress)
         return (prefs * pt.palora_window_losses(model, x, labels, prefs, mode=args.window_mode)).sum()
 
+    curve = []
+    on_epoch_end = pt.epoch_logger(lambda: pt.evaluate_palora(model, *test_data), curve) if args.log_every_epoch else None
     stats = pt.train(
         loss_fn,
         optimizer,
@@ -218,12 +226,14 @@ def run_palora(args, seed, train_data, test_data, conv_r1: bool = False, paper_c
         args.batch_size,
         seed,
         args.max_steps,
+        on_epoch_end=on_epoch_end,
         modules=[model],
         name=f"palora seed {seed}",
     )
     front = pt.evaluate_palora(model, *test_data)
     adapters = sum(p.numel() for n, p in model.named_parameters() if "palora_" in n)
-    return front | stats | {"parameters": count_parameters(model), "adapter_parameters": adapters}
+    logged = {"epoch_hypervolumes": curve} if args.log_every_epoch else {}
+    return front | stats | logged | {"parameters": count_parameters(model), "adapter_parameters": adapters}
 
 
 def run_pamal(args, seed, train_data, test_data, annealed: bool = False) -> dict:
@@ -242,10 +252,22 @@ def run_pamal(args, seed, train_data, test_data, annealed: bool = False) -> dict
         return (prefs * pt.pamal_window_losses(model, x, labels, prefs)).sum()
 
     name = f"pamal{'_annealed' if annealed else ''} seed {seed}"
+    curve = []
+    on_epoch_end = pt.epoch_logger(lambda: pt.evaluate_pamal(model, *test_data), curve) if args.log_every_epoch else None
     stats = pt.train(
-        loss_fn, optimizer, train_data, args.epochs, args.batch_size, seed, args.max_steps, modules=[model], name=name
+        loss_fn,
+        optimizer,
+        train_data,
+        args.epochs,
+        args.batch_size,
+        seed,
+        args.max_steps,
+        on_epoch_end=on_epoch_end,
+        modules=[model],
+        name=name,
     )
-    return pt.evaluate_pamal(model, *test_data) | stats | {"parameters": count_parameters(model)}
+    logged = {"epoch_hypervolumes": curve} if args.log_every_epoch else {}
+    return pt.evaluate_pamal(model, *test_data) | stats | logged | {"parameters": count_parameters(model)}
 
 
 def run_plain(args, seed, train_data, test_data, weights: torch.Tensor) -> dict:

@@ -167,3 +167,81 @@ def make_pair_dataset(
     images = compose_multimnist(left_x[left_index], right_x[right_index])
     labels = torch.stack([left_y[left_index], right_y[right_index]], dim=1)
     return images.contiguous(), labels.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MultiMNIST-3: three digits per image
+# ---------------------------------------------------------------------------------------------------------------------
+MULTIMNIST3_TASKS = ("left", "middle", "right")
+#: Canvas of MultiMNIST-3 and the offset of each digit along the diagonal. MultiMNIST puts two 28x28 digits 6 pixels
+#: apart on a 36x36 canvas (a shift of 1/6 of the canvas); three digits 7 pixels apart on a 42x42 canvas keep that
+#: ratio, so neighbouring digits overlap as much as MultiMNIST's two and the first and last overlap less.
+MULTIMNIST3_CANVAS = 42
+MULTIMNIST3_OFFSETS = (0, 7, 14)
+_DIGIT = 28
+_COMPOSE_CHUNK = 8192
+
+
+def multimnist3_triples(num_source: int, num_samples: int, seed: int = 0, split: str = "train") -> torch.Tensor:
+    """``(num_samples, 3)`` indices of the (left, middle, right) source digits of each MultiMNIST-3 image.
+
+    As ``recipes.multimnist.multimnist_pairs``: each round draws a seeded permutation ``perm`` and takes ``perm[i]``,
+    ``perm[i - 1]`` and ``perm[i - 2]``, so within a round every digit appears once in each position and never twice
+    in one image. The generator is keyed on ``(seed, split)`` (a different stream from the pairs').
+    """
+    for name, value, low in (("num_source", num_source, 3), ("num_samples", num_samples, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(3, SPLITS.index(split))))
+    rounds = []
+    for _ in range(-(-int(num_samples) // int(num_source))):
+        perm = rng.permutation(int(num_source))
+        rounds.append(np.stack([perm, np.roll(perm, 1), np.roll(perm, 2)], axis=1))
+    return torch.from_numpy(np.concatenate(rounds)[:num_samples])
+
+
+def compose_multimnist3(digits: torch.Tensor, image_size: int = 28) -> torch.Tensor:
+    """Overlay triples of 28x28 digits ``(B, 3, 28, 28)`` (uint8 or floats in [0, 1]) into ``(B, 1, S, S)`` images.
+
+    Digit ``k`` goes to ``canvas[o_k:o_k + 28, o_k:o_k + 28]`` of a black 42x42 canvas with ``o = (0, 7, 14)``; where
+    digits overlap the brightest pixel wins. The canvas is resized to ``image_size`` with bicubic antialiased
+    interpolation and clamped to [0, 1], as ``recipes.multimnist.compose_multimnist`` does for two digits.
+    """
+    if not isinstance(digits, torch.Tensor):
+        raise TypeError(f"`digits` must be a tensor, got {type(digits).__name__}.")
+    if digits.ndim != 4 or tuple(digits.shape[1:]) != (3, _DIGIT, _DIGIT):
+        raise ValueError(f"`digits` must have shape (B, 3, 28, 28), got {tuple(digits.shape)}.")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"`image_size` must be a positive integer, got {image_size!r}.")
+    out = torch.empty(digits.shape[0], 1, image_size, image_size, dtype=torch.float32)
+    for start in range(0, digits.shape[0], _COMPOSE_CHUNK):
+        chunk = digits[start : start + _COMPOSE_CHUNK]
+        chunk = chunk.to(torch.float32) / 255 if chunk.dtype == torch.uint8 else chunk.to(torch.float32)
+        canvas = torch.zeros(chunk.shape[0], 1, MULTIMNIST3_CANVAS, MULTIMNIST3_CANVAS)
+        for k, offset in enumerate(MULTIMNIST3_OFFSETS):
+            region = canvas[:, 0, offset : offset + _DIGIT, offset : offset + _DIGIT]
+            torch.maximum(region, chunk[:, k], out=region)
+        resized = torch.nn.functional.interpolate(
+            canvas, size=(image_size, image_size), mode="bicubic", antialias=True
+        )
+        out[start : start + _COMPOSE_CHUNK] = resized.clamp_(0, 1)
+    return out
+
+
+def make_multimnist3(split: str, num_samples: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MultiMNIST-3: images ``(N, 1, 28, 28)`` float32 in [0, 1] and labels ``(N, 3)`` (left, middle, right digit).
+
+    The digits are those of the MNIST file behind ``recipes.multimnist`` (50k train / 10k validation / 10k test);
+    each split uses only its own digits. ``N`` defaults to the split's number of digits. Deterministic in
+    ``(split, num_samples, seed)``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
+    images, labels = load_mnist_arrays()[split]
+    if num_samples is None:
+        num_samples = images.shape[0]
+    index = multimnist3_triples(images.shape[0], num_samples, seed=seed, split=split)
+    composed = compose_multimnist3(images[index], image_size=28)
+    return composed.contiguous(), labels[index].contiguous()

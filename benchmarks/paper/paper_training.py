@@ -82,12 +82,14 @@ def build_palora(
     alpha: float = 1.0,
     rank_pattern: dict[str, int] | None = None,
     conv_layout: str | None = None,
+    task_names: Sequence[str] = MULTIMNIST_TASKS,
 ) -> nn.Module:
     """MultiLeNet with PaLoRA on every convolution and linear layer, base weights trained (the paper's setting).
 
     ``palora_alpha = 1`` is the paper's ``lora_alpha`` default, so with ``r = 1`` the adapters are scaled by 1.
     Layers given another rank by ``rank_pattern`` keep the same scale ``alpha / rank``. ``conv_layout`` is passed
-    to ``PaLoRAConfig`` when given (``None``: the config's default, PEFT's layout).
+    to ``PaLoRAConfig`` when given (``None``: the config's default, PEFT's layout). ``task_names``: one head and one
+    adapter per task (three for MultiMNIST-3).
     """
     layout = {}
     if conv_layout is not None:
@@ -101,7 +103,7 @@ def build_palora(
     rank_pattern = dict(rank_pattern or {})
     config = peft_palora.PaLoRAConfig(
         **layout,
-        task_names=list(MULTIMNIST_TASKS),
+        task_names=list(task_names),
         r=rank,
         palora_alpha=alpha,
         target_modules=MULTILENET_TARGETS,
@@ -109,22 +111,28 @@ def build_palora(
         rank_pattern=rank_pattern,
         alpha_pattern={layer: layer_rank * alpha / rank for layer, layer_rank in rank_pattern.items()},
     )
-    return get_peft_model(MultiLeNet(), config)
+    return get_peft_model(MultiLeNet(task_names), config)
 
 
-def build_pamal(seed: int) -> PaMaL:
+def build_pamal(seed: int, task_names: Sequence[str] = MULTIMNIST_TASKS) -> PaMaL:
     torch.manual_seed(seed)
-    return PaMaL(MultiLeNet(), num_tasks=len(MULTIMNIST_TASKS))
+    return PaMaL(MultiLeNet(task_names), num_tasks=len(task_names))
 
 
-def build_plain(seed: int) -> MultiLeNet:
+def build_plain(seed: int, task_names: Sequence[str] = MULTIMNIST_TASKS) -> MultiLeNet:
     torch.manual_seed(seed)
-    return MultiLeNet()
+    return MultiLeNet(task_names)
 
 
 def task_losses(outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """``(T,)`` mean cross-entropy of each task."""
-    return torch.stack([F.cross_entropy(outputs[task], labels[:, t]) for t, task in enumerate(MULTIMNIST_TASKS)])
+    """``(T,)`` mean cross-entropy of each task; the model's heads are in the order of the label columns."""
+    _check_tasks(outputs, labels)
+    return torch.stack([F.cross_entropy(outputs[task], labels[:, t]) for t, task in enumerate(outputs)])
+
+
+def _check_tasks(outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+    if labels.ndim != 2 or labels.shape[1] != len(outputs):
+        raise ValueError(f"`labels` must have one column per task ({len(outputs)}), got shape {tuple(labels.shape)}.")
 
 
 def palora_window_losses(
@@ -143,10 +151,11 @@ def palora_window_losses(
         raise ValueError(f"`mode` must be 'sequential' or 'batched', got {mode!r}.")
     num_rays, batch = prefs.shape[0], x.shape[0]
     outputs = model(x=x.repeat(num_rays, 1, 1, 1), preference=prefs.repeat_interleave(batch, dim=0))
+    _check_tasks(outputs, labels)
     repeated = labels.repeat(num_rays, 1)
     columns = [
         F.cross_entropy(outputs[task], repeated[:, t], reduction="none").view(num_rays, batch).mean(1)
-        for t, task in enumerate(MULTIMNIST_TASKS)
+        for t, task in enumerate(outputs)
     ]
     return torch.stack(columns, dim=1)
 
@@ -212,12 +221,13 @@ def train(
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _accumulate(forward: Callable[[torch.Tensor], dict[str, torch.Tensor]], x, labels, chunk) -> tuple:
-    loss_sum = torch.zeros(len(MULTIMNIST_TASKS), dtype=torch.float64)
-    correct = torch.zeros(len(MULTIMNIST_TASKS), dtype=torch.float64)
+    loss_sum = torch.zeros(labels.shape[1], dtype=torch.float64)
+    correct = torch.zeros(labels.shape[1], dtype=torch.float64)
     for start in range(0, x.shape[0], chunk):
         xb, yb = x[start : start + chunk], labels[start : start + chunk]
         outputs = forward(xb)
-        for t, task in enumerate(MULTIMNIST_TASKS):
+        _check_tasks(outputs, yb)
+        for t, task in enumerate(outputs):
             loss_sum[t] += F.cross_entropy(outputs[task], yb[:, t], reduction="sum").double()
             correct[t] += (outputs[task].argmax(-1) == yb[:, t]).sum().double()
     return (loss_sum / x.shape[0]).tolist(), (correct / x.shape[0]).tolist()
@@ -229,13 +239,14 @@ def evaluate_palora(model: nn.Module, x, labels, prefs: torch.Tensor = EVAL_PREF
     repeated ``P`` times with one preference per copy (PaLoRA's per-sample preferences)."""
     model.eval()
     num_prefs = prefs.shape[0]
-    loss_sum = torch.zeros(num_prefs, len(MULTIMNIST_TASKS), dtype=torch.float64)
+    loss_sum = torch.zeros(num_prefs, labels.shape[1], dtype=torch.float64)
     correct = torch.zeros_like(loss_sum)
     for start in range(0, x.shape[0], chunk):
         xb, yb = x[start : start + chunk], labels[start : start + chunk]
         batch = xb.shape[0]
         outputs = model(x=xb.repeat(num_prefs, 1, 1, 1), preference=prefs.repeat_interleave(batch, dim=0))
-        for t, task in enumerate(MULTIMNIST_TASKS):
+        _check_tasks(outputs, yb)
+        for t, task in enumerate(outputs):
             logits = outputs[task].view(num_prefs, batch, -1)
             target = yb[:, t].expand(num_prefs, batch)
             loss_sum[:, t] += F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1).double()
@@ -280,6 +291,23 @@ def loss_hypervolume(points: Sequence[Sequence[float]], reference: Sequence[floa
     array = np.asarray(points, dtype=np.float64).reshape(-1, len(reference))
     inside = (array <= np.asarray(reference)).all(axis=1)
     return hypervolume(array[inside], reference) if inside.any() else 0.0
+
+
+def epoch_logger(
+    evaluate: Callable[[], dict], curve: list[dict], reference: Sequence[float] = LOSS_REFERENCE
+) -> Callable[[int, int], None]:
+    """An ``on_epoch_end`` for :func:`train` that appends ``{"epoch", "step", "hypervolume"}`` to ``curve``.
+
+    ``evaluate()`` returns a front (``{"loss": [[...], ...]}``, e.g. a partial of :func:`evaluate_palora`); its loss
+    hypervolume w.r.t. ``reference`` is recorded. ``train`` runs it outside the timed region and puts the modules back
+    in training mode afterwards.
+    """
+
+    def on_epoch_end(epoch: int, step: int) -> None:
+        front = evaluate()
+        curve.append({"epoch": epoch, "step": step, "hypervolume": loss_hypervolume(front["loss"], reference)})
+
+    return on_epoch_end
 
 
 def consistency(front: dict) -> dict[str, float]:

@@ -1,0 +1,148 @@
+"""Convergence of PaLoRA and PaMaL: test loss hypervolume after every epoch, and the epoch reaching 95% of the final.
+
+The curves come from the seed files of the training scripts, which store ``epoch_hypervolumes`` (a list of
+``{"epoch", "step", "hypervolume"}``) for PaLoRA and PaMaL when they log every epoch:
+
+* MultiMNIST at input scale 1 and 255: ``multimnist.py --log_every_epoch --output_dir results/convergence``
+  (the hypervolume of the 11-point front, reference (1, 1));
+* MultiMNIST-3: ``multimnist3.py`` always logs (the 21 preferences of ``simplex_grid(3, 6)``, reference (1, 1, 1);
+  its final table uses the 66-point grid).
+
+For each run, "epochs to 95%" is the first epoch whose hypervolume is at least 95% of that run's last logged
+hypervolume (same grid, same test images). Writes ``convergence.md``, ``convergence.json`` and ``convergence.png``:
+
+    python benchmarks/paper/convergence.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2] / "examples")]
+
+import numpy as np  # noqa: E402
+import paper_training as pt  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: (label, seed-file glob relative to the results folder) of each setting.
+SOURCES = (
+    ("MultiMNIST, input scale 1", "convergence/multimnist_seed*.json"),
+    ("MultiMNIST, input scale 255", "convergence/multimnist_scale255_seed*.json"),
+    ("MultiMNIST-3", "multimnist3_seed*.json"),
+)
+FRACTION = 0.95
+
+
+def epochs_to_fraction(hypervolumes: Sequence[float], fraction: float = FRACTION) -> int | None:
+    """The first epoch (1-based) whose hypervolume is at least ``fraction`` times the last one; ``None`` when the
+    last one is 0 (the front never got inside the reference box: no epoch to report)."""
+    values = np.asarray(hypervolumes, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
+        raise ValueError(f"`hypervolumes` must be a non-empty 1-D sequence of finite numbers, got {hypervolumes!r}.")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"`fraction` must be in (0, 1], got {fraction!r}.")
+    if values[-1] <= 0:
+        return None
+    return int(np.argmax(values >= fraction * values[-1])) + 1
+
+
+def collect(results_dir: str | Path, sources: Sequence[tuple[str, str]] = SOURCES) -> list[dict]:
+    """One row per (setting, method, seed) that logged every epoch."""
+    rows = []
+    for label, pattern in sources:
+        for path in sorted(Path(results_dir).glob(pattern)):
+            payload = json.loads(path.read_text())
+            for method, result in payload.get("methods", {}).items():
+                curve = result.get("epoch_hypervolumes")
+                if not curve:
+                    continue
+                hv = [point["hypervolume"] for point in curve]
+                rows.append(
+                    {
+                        "setting": label,
+                        "file": str(path.relative_to(results_dir)),
+                        "config": payload.get("config"),
+                        "method": method,
+                        "seed": payload["seed"],
+                        "epochs": [point["epoch"] for point in curve],
+                        "hypervolume": hv,
+                        "final": hv[-1],
+                        "final_full_grid": result.get("hypervolume"),
+                        "epochs_to_95": epochs_to_fraction(hv),
+                    }
+                )
+    return rows
+
+
+def write_markdown(rows: list[dict], path: Path) -> None:
+    lines = [
+        "# Convergence: test loss hypervolume after every epoch",
+        "",
+        'Written by `benchmarks/paper/convergence.py` from the seed files named below. "95% at epoch" is the first '
+        "epoch whose hypervolume reaches 95% of that run's last logged one. MultiMNIST-3's per-epoch hypervolume "
+        'is on `simplex_grid(3, 6)` (21 preferences); "final HV (table grid)" is the run\'s hypervolume on its '
+        "table's grid (11 points for MultiMNIST, 66 for MultiMNIST-3).",
+        "",
+        "| setting | method | seed | epochs | 95% at epoch | HV per epoch | final HV (table grid) | file |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for row in rows:
+        curve = ", ".join(f"{v:.4f}" for v in row["hypervolume"])
+        reached = "n/a (HV 0)" if row["epochs_to_95"] is None else row["epochs_to_95"]
+        final = "" if row["final_full_grid"] is None else f"{row['final_full_grid']:.4f}"
+        lines.append(
+            f"| {row['setting']} | {row['method']} | {row['seed']} | {len(row['epochs'])} | {reached} "
+            f"| {curve} | {final} | `{row['file']}` |"
+        )
+    configs = {}
+    for row in rows:
+        configs.setdefault(row["file"], row["config"])
+    lines += ["", "Settings of the files:", ""] + [f"* `{file}`: {config}" for file, config in configs.items()]
+    pt.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(row["setting"] for row in rows))
+    figure, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.2), squeeze=False)
+    colors = {"palora": "tab:red", "palora_paper_conv": "tab:purple", "pamal": "tab:blue"}
+    for ax, setting in zip(axes[0], settings):
+        for row in (r for r in rows if r["setting"] == setting):
+            color = colors.get(row["method"], "tab:gray")
+            label = f"{row['method']} seed {row['seed']} (95% at epoch {row['epochs_to_95']})"
+            ax.plot(row["epochs"], row["hypervolume"], "o-", color=color, label=label, markersize=3)
+            if row["epochs_to_95"] is not None:
+                ax.axvline(row["epochs_to_95"], color=color, alpha=0.3, linestyle=":")
+        ax.set(title=setting, xlabel="epoch", ylabel="test loss hypervolume")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    pt.atomic_save_figure(figure, path)
+    plt.close(figure)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results_dir", default=str(RESULTS_DIR), help="Where the seed files are looked up.")
+    parser.add_argument("--output_dir", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    rows = collect(args.results_dir)
+    if not rows:
+        print("No run logged every epoch yet: run multimnist.py --log_every_epoch or multimnist3.py first.")
+        return rows
+    out = Path(args.output_dir)
+    pt.atomic_write_json(out / "convergence.json", {"fraction": FRACTION, "runs": rows})
+    write_markdown(rows, out / "convergence.md")
+    plot(rows, out / "convergence.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
