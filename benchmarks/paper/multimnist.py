@@ -37,10 +37,8 @@ and ``_paperconv`` for ``--conv_layout paper`` (e.g. ``multimnist``, ``multimnis
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import functools
 import sys
-import time
 from pathlib import Path
 
 # This folder (shared modules) and the repository root (peft_palora, for a checkout that is not pip-installed).
@@ -48,11 +46,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 import numpy as np  # noqa: E402
 import paper_training as pt  # noqa: E402
-import torch  # noqa: E402
 from paper_datasets import DATASET_LABELS, DATASETS  # noqa: E402
-from paper_models import MULTIMNIST_TASKS, count_parameters  # noqa: E402
+from paper_models import MULTIMNIST_TASKS  # noqa: E402
 
-from peft_palora import adapter_param_groups  # noqa: E402
 from peft_palora.preferences import AnnealedGridSampler, DirichletSampler  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -82,9 +78,7 @@ LABELS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    pt.add_run_arguments(parser, epochs=10, methods=METHODS, default_methods=DEFAULT_METHODS, results_dir=RESULTS_DIR)
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--alpha", type=float, default=1.0, help="PaLoRA's palora_alpha (adapter scale alpha / r).")
     parser.add_argument(
@@ -121,7 +115,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "PaLoRAConfig(conv_layout=...); 'paper' needs a library whose PaLoRAConfig has that field. Results with "
         "'paper' go to files with a _paperconv suffix. (The method palora_paper_conv always uses 'paper'.)",
     )
-    parser.add_argument("--window", type=int, default=4, help="Preferences per step (PaLoRA and PaMaL).")
     parser.add_argument(
         "--window_mode",
         default="sequential",
@@ -131,12 +124,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--mul", type=float, default=5.0)
     parser.add_argument("--epsilon", type=float, default=0.01)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
-    parser.add_argument("--num_train", type=int, default=None, help="Training images (default: all 50k).")
-    parser.add_argument("--num_test", type=int, default=None, help="Test images (default: all 10k).")
-    parser.add_argument("--max_steps", type=int, default=None, help="Stop every run after this many steps.")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--eval_split",
         default="test",
@@ -150,8 +137,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Evaluate PaLoRA and PaMaL on the evaluation split after every epoch and store the loss hypervolumes in "
         "the result (`epoch_hypervolumes`), for the convergence curves of convergence.py. Training is unchanged.",
     )
-    parser.add_argument("--output_dir", default=str(RESULTS_DIR))
-    parser.add_argument("--aggregate_only", action="store_true", help="Only rebuild the tables from seed files.")
     args = parser.parse_args(argv)
     needs_layout = args.conv_layout == "paper" or "palora_paper_conv" in args.methods
     if needs_layout and not args.aggregate_only and not pt.config_supports_conv_layout():
@@ -209,156 +194,71 @@ def run_palora(args, seed, train_data, test_data, conv_r1: bool = False, paper_c
     pattern = {} if conv_r1 or paper_conv else rank_pattern(args)
     layout = "paper" if paper_conv or args.conv_layout == "paper" else None  # None: the config's default (PEFT's)
     model = pt.build_palora(seed, rank=args.rank, alpha=args.alpha, rank_pattern=pattern, conv_layout=layout)
-    optimizer = torch.optim.Adam(adapter_param_groups(model, lr=args.lr), lr=args.lr)
     sampler = AnnealedGridSampler(len(MULTIMNIST_TASKS), args.window, mul=args.mul, epsilon=args.epsilon)
-
-    def loss_fn(x, labels, progress, step):
-        prefs = sampler.sample(progress)
-        return (prefs * pt.palora_window_losses(model, x, labels, prefs, mode=args.window_mode)).sum()
-
-    curve = []
-    on_epoch_end = pt.epoch_logger(lambda: pt.evaluate_palora(model, *test_data), curve) if args.log_every_epoch else None
-    stats = pt.train(
-        loss_fn,
-        optimizer,
-        train_data,
-        args.epochs,
-        args.batch_size,
+    return pt.train_front(
+        "palora",
+        model,
+        sampler,
+        args,
         seed,
-        args.max_steps,
-        on_epoch_end=on_epoch_end,
-        modules=[model],
+        train_data,
+        test_data,
         name=f"palora seed {seed}",
+        epoch_prefs=pt.EVAL_PREFERENCES if args.log_every_epoch else None,
+        store_curve=args.log_every_epoch,
+        window_mode=args.window_mode,
     )
-    front = pt.evaluate_palora(model, *test_data)
-    adapters = sum(p.numel() for n, p in model.named_parameters() if "palora_" in n)
-    logged = {"epoch_hypervolumes": curve} if args.log_every_epoch else {}
-    return front | stats | logged | {"parameters": count_parameters(model), "adapter_parameters": adapters}
 
 
 def run_pamal(args, seed, train_data, test_data, annealed: bool = False) -> dict:
     """PaMaL with its own paper's sampling, a fresh window of Dirichlet(1) preferences every step (the paper code's
     PaMaL config sets the Dirichlet concentration p = 1), or with PaLoRA's deterministic annealed schedule."""
-    model = pt.build_pamal(seed)
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.lr)
     num_tasks = len(MULTIMNIST_TASKS)
     if annealed:
         sampler = AnnealedGridSampler(num_tasks, args.window, mul=args.mul, epsilon=args.epsilon)
     else:
         sampler = DirichletSampler(num_tasks, args.window, concentration=1.0, seed=seed)
-
-    def loss_fn(x, labels, progress, step):
-        prefs = sampler.sample(progress, step=step)
-        return (prefs * pt.pamal_window_losses(model, x, labels, prefs)).sum()
-
-    name = f"pamal{'_annealed' if annealed else ''} seed {seed}"
-    curve = []
-    on_epoch_end = pt.epoch_logger(lambda: pt.evaluate_pamal(model, *test_data), curve) if args.log_every_epoch else None
-    stats = pt.train(
-        loss_fn,
-        optimizer,
-        train_data,
-        args.epochs,
-        args.batch_size,
+    return pt.train_front(
+        "pamal",
+        pt.build_pamal(seed),
+        sampler,
+        args,
         seed,
-        args.max_steps,
-        on_epoch_end=on_epoch_end,
-        modules=[model],
-        name=name,
+        train_data,
+        test_data,
+        name=f"pamal{'_annealed' if annealed else ''} seed {seed}",
+        epoch_prefs=pt.EVAL_PREFERENCES if args.log_every_epoch else None,
+        store_curve=args.log_every_epoch,
     )
-    logged = {"epoch_hypervolumes": curve} if args.log_every_epoch else {}
-    return pt.evaluate_pamal(model, *test_data) | stats | logged | {"parameters": count_parameters(model)}
-
-
-def run_plain(args, seed, train_data, test_data, weights: torch.Tensor) -> dict:
-    model = pt.build_plain(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-
-    def loss_fn(x, labels, progress, step):
-        return (weights * pt.task_losses(model(x), labels)).sum()
-
-    stats = pt.train(
-        loss_fn, optimizer, train_data, args.epochs, args.batch_size, seed, args.max_steps, modules=[model]
-    )
-    return pt.evaluate_plain(model, *test_data) | stats | {"parameters": count_parameters(model)}
-
-
-def run_stl(args, seed, train_data, test_data) -> dict:
-    """One model per task; the reported point takes each task's metric from its own model."""
-    per_task = [
-        run_plain(args, seed, train_data, test_data, torch.eye(len(MULTIMNIST_TASKS))[t])
-        for t in range(len(MULTIMNIST_TASKS))
-    ]
-    loss = [per_task[t]["loss"][0][t] for t in range(len(per_task))]
-    acc = [per_task[t]["accuracy"][0][t] for t in range(len(per_task))]
-    return {
-        "preferences": None,
-        "loss": [loss],
-        "accuracy": [acc],
-        "steps": sum(r["steps"] for r in per_task),
-        "train_seconds": sum(r["train_seconds"] for r in per_task),
-        "parameters": sum(r["parameters"] for r in per_task),
-    }
 
 
 def run_seed(args, seed, train_data, test_data) -> dict:
-    path = Path(args.output_dir) / f"{prefix(args)}_seed{seed}.json"
-    payload = {"seed": seed, "config": setting(args), "methods": {}}
-    if path.exists():  # methods of this seed run by an earlier invocation of the same setting are kept
-        previous = json.loads(path.read_text())
-        if pt.same_setting(previous.get("config"), payload["config"], SETTING_DEFAULTS):
-            payload["methods"] = previous["methods"]
     runners = {
         "palora": run_palora,
         "palora_conv_r1": lambda *a: run_palora(*a, conv_r1=True),
         "palora_paper_conv": lambda *a: run_palora(*a, paper_conv=True),
         "pamal": run_pamal,
         "pamal_annealed": lambda *a: run_pamal(*a, annealed=True),
-        "ls": lambda *a: run_plain(*a, weights=torch.full((len(MULTIMNIST_TASKS),), 1 / len(MULTIMNIST_TASKS))),
-        "stl": run_stl,
+        "ls": lambda *a: pt.train_plain(*a, weights=pt.equal_weights(MULTIMNIST_TASKS)),
+        "stl": pt.train_stl,
     }
-    for method in args.methods:
-        start = time.perf_counter()
-        result = runners[method](args, seed, train_data, test_data)
-        result["hypervolume"] = pt.loss_hypervolume(result["loss"])
-        payload["methods"][method] = result
-        pt.atomic_write_json(path, payload)  # keep what is done even if a later method is interrupted
-        print(
-            f"[seed {seed}] {method}: hypervolume {result['hypervolume']:.4f}, "
-            f"{result['steps']} steps in {time.perf_counter() - start:.0f}s",
-            flush=True,
-        )
-    return payload
+    return pt.run_methods(
+        Path(args.output_dir) / f"{prefix(args)}_seed{seed}.json",
+        seed,
+        setting(args),
+        args.methods,
+        lambda method: runners[method](args, seed, train_data, test_data),
+        defaults=SETTING_DEFAULTS,
+    )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------------------------------
 # Aggregation
 # ---------------------------------------------------------------------------------------------------------------------
-def _with(seed_results: list[dict], *methods: str) -> list[dict]:
-    """The seed results that hold every one of ``methods``."""
-    return [r for r in seed_results if all(m in r["methods"] for m in methods)]
-
-
 def summarise(seed_results: list[dict]) -> dict:
     """Per method, over the seeds that ran it (``seeds``): hypervolumes, mean front, training time."""
-    summary = {}
-    for method in METHODS:
-        having = _with(seed_results, method)
-        if not having:
-            continue
-        runs = [r["methods"][method] for r in having]
-        hv = [run["hypervolume"] for run in runs]
-        summary[method] = {
-            "seeds": [r["seed"] for r in having],
-            "hypervolume": hv,
-            "hypervolume_mean_std": pt.mean_std(hv),
-            "loss_mean": np.mean([run["loss"] for run in runs], axis=0).tolist(),
-            "accuracy_mean": np.mean([run["accuracy"] for run in runs], axis=0).tolist(),
-            "train_seconds": [run["train_seconds"] for run in runs],
-            "parameters": runs[0]["parameters"],
-        }
-    return summary
+    fields = {"train_seconds": lambda runs: [run["train_seconds"] for run in runs]}
+    return pt.summarise(seed_results, METHODS, fields | {"parameters": lambda runs: runs[0]["parameters"]})
 
 
 def paired_differences(seed_results: list[dict]) -> list[dict]:
@@ -366,7 +266,7 @@ def paired_differences(seed_results: list[dict]) -> list[dict]:
     rows = []
     for palora in PALORA_METHODS:
         for pamal in PAMAL_METHODS:
-            having = _with(seed_results, palora, pamal)
+            having = pt.having(seed_results, palora, pamal)
             if not having:
                 continue
             stats = pt.paired_difference(
@@ -379,7 +279,7 @@ def paired_differences(seed_results: list[dict]) -> list[dict]:
 
 def missing_runs(seed_results: list[dict]) -> list[dict]:
     """(method, seed) pairs of the default methods (and any other method run on some seed) absent from a seed."""
-    expected = [m for m in METHODS if m in DEFAULT_METHODS or _with(seed_results, m)]
+    expected = [m for m in METHODS if m in DEFAULT_METHODS or pt.having(seed_results, m)]
     return [{"method": m, "seed": r["seed"]} for m in expected for r in seed_results if m not in r["methods"]]
 
 
@@ -389,7 +289,7 @@ def end_checks(seed_results: list[dict]) -> list[dict]:
 
     Row 0 of the grid is [0, 1] (all weight on the right digit), row 10 is [1, 0] (left digit).
     """
-    seed_results = _with(seed_results, "palora", "ls", "stl")
+    seed_results = pt.having(seed_results, "palora", "ls", "stl")
     if not seed_results:
         return []
     rows = []
@@ -451,7 +351,7 @@ def write_markdown(seed_results, summary, checks, paired, missing, path) -> None
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for method, stats in summary.items():
-        runs = [r["methods"][method] for r in _with(seed_results, method)]
+        runs = [r["methods"][method] for r in pt.having(seed_results, method)]
         if runs[0]["preferences"] is None:
             acc_left = pt.fmt([run["accuracy"][0][0] for run in runs], 100, 2)
             acc_right = pt.fmt([run["accuracy"][0][1] for run in runs], 100, 2)
@@ -499,7 +399,7 @@ def write_markdown(seed_results, summary, checks, paired, missing, path) -> None
     for method in FRONT_METHODS:
         if method not in summary:
             continue
-        runs = [r["methods"][method] for r in _with(seed_results, method)]
+        runs = [r["methods"][method] for r in pt.having(seed_results, method)]
         lines += [
             "",
             f"## {LABELS[method]} at each preference [p, 1 - p] ({config['eval_split']} set)",
@@ -529,7 +429,7 @@ def write_markdown(seed_results, summary, checks, paired, missing, path) -> None
                 f"| {'yes' if row['within_0.5'] else 'no'} |"
             )
     for other in PAMAL_METHODS:
-        having = _with(seed_results, "palora", other)
+        having = pt.having(seed_results, "palora", other)
         if having:
             gaps = 100 * np.mean(
                 [
@@ -571,7 +471,7 @@ def plot(seed_results, summary, path) -> None:
             ax.plot(
                 points[:, 0], points[:, 1], style, color=color, label=label, markersize=9 if len(points) == 1 else 5
             )
-            for run in _with(seed_results, method):  # each seed, faintly
+            for run in pt.having(seed_results, method):  # each seed, faintly
                 seed_points = np.array(run["methods"][method]["loss" if key == "loss_mean" else "accuracy"]) * scale
                 ax.plot(seed_points[:, 0], seed_points[:, 1], style, color=color, alpha=0.2, markersize=3)
     axes[0].set(xlabel="loss, left task", ylabel="loss, right task", title="Loss front (lower is better)")
@@ -624,22 +524,13 @@ def aggregate(args) -> dict | None:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    with pt.restored_global_state():  # threads and RNG states are the caller's again afterwards
-        pt.set_threads(args.threads)
-        os.makedirs(args.output_dir, exist_ok=True)
-        if not args.aggregate_only:
-            start = time.perf_counter()
-            load = dict(dataset=args.dataset, input_scale=args.input_scale)
-            train_data = pt.load_split("train", args.num_train, **load)
-            test_data = pt.load_split(args.eval_split, args.num_test, **load)
-            print(
-                f"data: {args.dataset} x {args.input_scale:g}, {train_data[0].shape[0]} train / "
-                f"{test_data[0].shape[0]} {args.eval_split} images ({time.perf_counter() - start:.0f}s)",
-                flush=True,
-            )
-            for seed in args.seeds:
-                run_seed(args, seed, train_data, test_data)
-        return aggregate(args)
+
+    def load_data():
+        load = functools.partial(pt.load_split, dataset=args.dataset, input_scale=args.input_scale)
+        label = f"{args.dataset} x {args.input_scale:g}"
+        return pt.load_train_eval(load, args.eval_split, args.num_train, args.num_test, label)
+
+    return pt.run_benchmark(args, load_data, run_seed, aggregate)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,8 @@ tables ``multimnist3.md``/``.json`` and the figure ``multimnist3_front.png`` agg
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import functools
 import sys
-import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2] / "examples")]
@@ -40,9 +38,7 @@ import numpy as np  # noqa: E402
 import paper_training as pt  # noqa: E402
 import torch  # noqa: E402
 from paper_datasets import MULTIMNIST3_TASKS, make_multimnist3  # noqa: E402
-from paper_models import count_parameters  # noqa: E402
 
-from peft_palora import adapter_param_groups  # noqa: E402
 from peft_palora.preferences import AnnealedDirichletSampler, simplex_grid  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -64,23 +60,12 @@ LABELS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--window", type=int, default=4, help="Preferences per step (PaLoRA and PaMaL).")
+    pt.add_run_arguments(parser, epochs=20, methods=METHODS, default_methods=METHODS, results_dir=RESULTS_DIR)
     parser.add_argument("--grid", type=int, default=11, help="Points per side of the evaluation simplex grid.")
     parser.add_argument(
         "--epoch_grid", type=int, default=6, help="Points per side of the per-epoch grid (0: no per-epoch logging)."
     )
     parser.add_argument("--input_scale", type=float, default=1.0, help="Multiply the [0, 1] pixels by this.")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--num_train", type=int, default=None, help="Training images (default: all 50k).")
-    parser.add_argument("--num_test", type=int, default=None, help="Test images (default: all 10k).")
-    parser.add_argument("--max_steps", type=int, default=None, help="Stop every run after this many steps.")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output_dir", default=str(RESULTS_DIR))
-    parser.add_argument("--aggregate_only", action="store_true", help="Only rebuild the tables from seed files.")
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "window"):
         if getattr(args, name) < 1:
@@ -105,17 +90,23 @@ def load(split: str, num_samples: int | None, input_scale: float) -> tuple[torch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# One seed
+# One seed: multimnist.py's machinery (paper_training.py) on three tasks, the annealed Dirichlet sampler and a grid
 # ---------------------------------------------------------------------------------------------------------------------
-def _epoch_logger(args, evaluate, test_data, curve):
-    if not args.epoch_grid:
-        return None
-    prefs = simplex_grid(len(TASKS), args.epoch_grid)
-    return pt.epoch_logger(lambda: evaluate(*test_data, prefs=prefs), curve, REFERENCE)
-
-
-def _sampler(args, seed):
-    return AnnealedDirichletSampler(len(TASKS), args.window, seed=seed)
+def run_front(kind, model, args, seed, train_data, test_data, name) -> dict:
+    return pt.train_front(
+        kind,
+        model,
+        AnnealedDirichletSampler(len(TASKS), args.window, seed=seed),
+        args,
+        seed,
+        train_data,
+        test_data,
+        name=f"{name} seed {seed}",
+        prefs=simplex_grid(len(TASKS), args.grid),
+        epoch_prefs=simplex_grid(len(TASKS), args.epoch_grid) if args.epoch_grid else None,
+        store_curve=True,
+        reference=REFERENCE,
+    )
 
 
 def run_palora(args, seed, train_data, test_data, paper_conv: bool = False) -> dict:
@@ -123,146 +114,47 @@ def run_palora(args, seed, train_data, test_data, paper_conv: bool = False) -> d
         model = pt.build_palora(seed, conv_layout="paper", task_names=TASKS)
     else:
         model = pt.build_palora(seed, rank_pattern=PEFT_CONV_RANKS, task_names=TASKS)
-    optimizer = torch.optim.Adam(adapter_param_groups(model, lr=args.lr), lr=args.lr)
-    sampler = _sampler(args, seed)
-
-    def loss_fn(x, labels, progress, step):
-        prefs = sampler.sample(progress, step=step)
-        return (prefs * pt.palora_window_losses(model, x, labels, prefs)).sum()
-
-    curve = []
-    evaluate = lambda x, y, prefs: pt.evaluate_palora(model, x, y, prefs)  # noqa: E731
-    stats = pt.train(
-        loss_fn,
-        optimizer,
-        train_data,
-        args.epochs,
-        args.batch_size,
-        seed,
-        args.max_steps,
-        on_epoch_end=_epoch_logger(args, evaluate, test_data, curve),
-        modules=[model],
-        name=f"palora{'_paper_conv' if paper_conv else ''} seed {seed}",
+    return run_front(
+        "palora", model, args, seed, train_data, test_data, "palora_paper_conv" if paper_conv else "palora"
     )
-    front = pt.evaluate_palora(model, *test_data, prefs=simplex_grid(len(TASKS), args.grid))
-    adapters = sum(p.numel() for n, p in model.named_parameters() if "palora_" in n)
-    extra = {"parameters": count_parameters(model), "adapter_parameters": adapters, "epoch_hypervolumes": curve}
-    return front | stats | extra
-
-
-def run_pamal(args, seed, train_data, test_data) -> dict:
-    model = pt.build_pamal(seed, task_names=TASKS)
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.lr)
-    sampler = _sampler(args, seed)
-
-    def loss_fn(x, labels, progress, step):
-        prefs = sampler.sample(progress, step=step)
-        return (prefs * pt.pamal_window_losses(model, x, labels, prefs)).sum()
-
-    curve = []
-    evaluate = lambda x, y, prefs: pt.evaluate_pamal(model, x, y, prefs)  # noqa: E731
-    stats = pt.train(
-        loss_fn,
-        optimizer,
-        train_data,
-        args.epochs,
-        args.batch_size,
-        seed,
-        args.max_steps,
-        on_epoch_end=_epoch_logger(args, evaluate, test_data, curve),
-        modules=[model],
-        name=f"pamal seed {seed}",
-    )
-    front = pt.evaluate_pamal(model, *test_data, prefs=simplex_grid(len(TASKS), args.grid))
-    return front | stats | {"parameters": count_parameters(model), "epoch_hypervolumes": curve}
-
-
-def run_plain(args, seed, train_data, test_data, weights: torch.Tensor) -> dict:
-    model = pt.build_plain(seed, task_names=TASKS)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-
-    def loss_fn(x, labels, progress, step):
-        return (weights * pt.task_losses(model(x), labels)).sum()
-
-    stats = pt.train(
-        loss_fn, optimizer, train_data, args.epochs, args.batch_size, seed, args.max_steps, modules=[model]
-    )
-    return pt.evaluate_plain(model, *test_data) | stats | {"parameters": count_parameters(model)}
-
-
-def run_stl(args, seed, train_data, test_data) -> dict:
-    per_task = [run_plain(args, seed, train_data, test_data, torch.eye(len(TASKS))[t]) for t in range(len(TASKS))]
-    return {
-        "preferences": None,
-        "loss": [[per_task[t]["loss"][0][t] for t in range(len(TASKS))]],
-        "accuracy": [[per_task[t]["accuracy"][0][t] for t in range(len(TASKS))]],
-        "steps": sum(r["steps"] for r in per_task),
-        "train_seconds": sum(r["train_seconds"] for r in per_task),
-        "parameters": sum(r["parameters"] for r in per_task),
-    }
 
 
 def run_seed(args, seed, train_data, test_data) -> dict:
-    path = Path(args.output_dir) / f"{STEM}_seed{seed}.json"
-    payload = {"seed": seed, "config": setting(args), "methods": {}}
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if pt.same_setting(previous.get("config"), payload["config"]):
-            payload["methods"] = previous["methods"]
     runners = {
         "palora": run_palora,
         "palora_paper_conv": lambda *a: run_palora(*a, paper_conv=True),
-        "pamal": run_pamal,
-        "ls": lambda *a: run_plain(*a, weights=torch.full((len(TASKS),), 1 / len(TASKS))),
-        "stl": run_stl,
+        "pamal": lambda *a: run_front("pamal", pt.build_pamal(seed, task_names=TASKS), *a, name="pamal"),
+        "ls": lambda *a: pt.train_plain(*a, weights=pt.equal_weights(TASKS), task_names=TASKS),
+        "stl": lambda *a: pt.train_stl(*a, task_names=TASKS),
     }
-    for method in args.methods:
-        start = time.perf_counter()
-        result = runners[method](args, seed, train_data, test_data)
-        result["hypervolume"] = pt.loss_hypervolume(result["loss"], REFERENCE)
-        payload["methods"][method] = result
-        pt.atomic_write_json(path, payload)
-        print(
-            f"[seed {seed}] {method}: hypervolume {result['hypervolume']:.4f}, "
-            f"{result['steps']} steps in {time.perf_counter() - start:.0f}s",
-            flush=True,
-        )
-    return payload
+    return pt.run_methods(
+        Path(args.output_dir) / f"{STEM}_seed{seed}.json",
+        seed,
+        setting(args),
+        args.methods,
+        lambda method: runners[method](args, seed, train_data, test_data),
+        reference=REFERENCE,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Aggregation
 # ---------------------------------------------------------------------------------------------------------------------
-def _with(seed_results, *methods):
-    return [r for r in seed_results if all(m in r["methods"] for m in methods)]
-
-
 def summarise(seed_results: list[dict]) -> dict:
-    summary = {}
-    for method in METHODS:
-        having = _with(seed_results, method)
-        if not having:
-            continue
-        runs = [r["methods"][method] for r in having]
-        hv = [run["hypervolume"] for run in runs]
-        summary[method] = {
-            "seeds": [r["seed"] for r in having],
-            "hypervolume": hv,
-            "hypervolume_mean_std": list(pt.mean_std(hv)),
-            "loss_mean": np.mean([run["loss"] for run in runs], axis=0).tolist(),
-            "accuracy_mean": np.mean([run["accuracy"] for run in runs], axis=0).tolist(),
-            "preferences": runs[0]["preferences"],
-            "parameters": runs[0]["parameters"],
-            "train_seconds": float(np.mean([run["train_seconds"] for run in runs])),
-        }
-    return summary
+    fields = {
+        "hypervolume_mean_std": lambda runs: list(pt.mean_std([run["hypervolume"] for run in runs])),
+        "preferences": lambda runs: runs[0]["preferences"],
+        "parameters": lambda runs: runs[0]["parameters"],
+        "train_seconds": lambda runs: float(np.mean([run["train_seconds"] for run in runs])),
+    }
+    return pt.summarise(seed_results, METHODS, fields)
 
 
 def paired_differences(seed_results: list[dict]) -> dict:
     """PaLoRA - PaMaL hypervolume on the seeds that ran both (mean and 95% Student-t interval)."""
     out = {}
     for method in PALORA_METHODS:
-        having = _with(seed_results, method, "pamal")
+        having = pt.having(seed_results, method, "pamal")
         if having:
             a = [r["methods"][method]["hypervolume"] for r in having]
             b = [r["methods"]["pamal"]["hypervolume"] for r in having]
@@ -299,7 +191,7 @@ def write_markdown(seed_results, summary, paired, missing, path) -> None:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for method, stats in summary.items():
-        runs = [r["methods"][method] for r in _with(seed_results, method)]
+        runs = [r["methods"][method] for r in pt.having(seed_results, method)]
         accs = []
         for t in range(len(TASKS)):
             index = 0 if runs[0]["preferences"] is None else _corner(runs[0]["preferences"], t)
@@ -381,21 +273,13 @@ def aggregate(args) -> dict | None:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    with pt.restored_global_state():
-        pt.set_threads(args.threads)
-        os.makedirs(args.output_dir, exist_ok=True)
-        if not args.aggregate_only:
-            start = time.perf_counter()
-            train_data = load("train", args.num_train, args.input_scale)
-            test_data = load("test", args.num_test, args.input_scale)
-            print(
-                f"data: MultiMNIST-3 x {args.input_scale:g}, {train_data[0].shape[0]} train / "
-                f"{test_data[0].shape[0]} test images ({time.perf_counter() - start:.0f}s)",
-                flush=True,
-            )
-            for seed in args.seeds:
-                run_seed(args, seed, train_data, test_data)
-        return aggregate(args)
+
+    def load_data():
+        label = f"MultiMNIST-3 x {args.input_scale:g}"
+        scaled = functools.partial(load, input_scale=args.input_scale)
+        return pt.load_train_eval(scaled, "test", args.num_train, args.num_test, label)
+
+    return pt.run_benchmark(args, load_data, run_seed, aggregate)
 
 
 if __name__ == "__main__":

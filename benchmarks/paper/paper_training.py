@@ -1,4 +1,5 @@
-"""Training and evaluation on MultiMNIST shared by ``multimnist.py`` and ``schedule_ablation.py``.
+"""Training, evaluation and the run/store/aggregate plumbing shared by ``multimnist.py``, ``multimnist3.py`` and
+``schedule_ablation.py``.
 
 The loops follow the paper's code (github.com/nik-dim/palora): Adam, batch 256, the training progress
 ``t = (step + 1) / total_steps`` fed to the preference sampler, and for a window of ``m`` preferences the objective
@@ -9,6 +10,7 @@ slicing tensors is much cheaper than a DataLoader on a 2-core machine.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -32,10 +34,11 @@ if str(_REPO_ROOT) not in sys.path:  # run from a checkout without `pip install 
     sys.path.insert(0, str(_REPO_ROOT))
 
 from paper_datasets import make_pair_dataset  # noqa: E402
-from paper_models import MULTILENET_TARGETS, MULTIMNIST_TASKS, MultiLeNet, PaMaL  # noqa: E402
+from paper_models import MULTILENET_TARGETS, MULTIMNIST_TASKS, MultiLeNet, PaMaL, count_parameters  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import peft_palora  # noqa: E402  (registers PALORA with PEFT)
+from peft_palora import adapter_param_groups  # noqa: E402
 from peft_palora.pareto import hypervolume, preference_consistency  # noqa: E402
 from peft_palora.preferences import simplex_grid  # noqa: E402
 
@@ -214,6 +217,126 @@ def train(
         if step >= total_steps:
             break
     return {"steps": step, "train_seconds": seconds}
+
+
+def train_window(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler,
+    window_losses: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    args: argparse.Namespace,
+    seed: int,
+    data: tuple[torch.Tensor, torch.Tensor],
+    on_epoch_end: Callable[[int, int], None] | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """:func:`train` on a window of preferences per step: ``prefs = sampler.sample(progress, step=step)`` (m, T) and
+    the objective ``sum_i sum_t prefs_it * L_it`` with ``L = window_losses(x, labels, prefs)``. The budget comes from
+    ``args`` (``epochs``, ``batch_size``, ``max_steps``)."""
+
+    def loss_fn(x, labels, progress, step):
+        prefs = sampler.sample(progress, step=step)
+        return (prefs * window_losses(x, labels, prefs)).sum()
+
+    return train(
+        loss_fn,
+        optimizer,
+        data,
+        args.epochs,
+        args.batch_size,
+        seed,
+        args.max_steps,
+        on_epoch_end=on_epoch_end,
+        modules=[model],
+        name=name,
+    )
+
+
+def train_front(
+    kind: str,
+    model: nn.Module,
+    sampler,
+    args: argparse.Namespace,
+    seed: int,
+    train_data: tuple[torch.Tensor, torch.Tensor],
+    test_data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    name: str,
+    prefs: torch.Tensor = EVAL_PREFERENCES,
+    epoch_prefs: torch.Tensor | None = None,
+    store_curve: bool = False,
+    reference: Sequence[float] = LOSS_REFERENCE,
+    window_mode: str = "sequential",
+) -> dict[str, Any]:
+    """Train a PaLoRA (``kind="palora"``: adapters at lr x T) or PaMaL (``kind="pamal"``) model with Adam at
+    ``args.lr`` on the windows of ``sampler``, then evaluate its front at ``prefs`` on ``test_data``.
+
+    With ``epoch_prefs``, the loss hypervolume (w.r.t. ``reference``) at those preferences is logged after every
+    epoch; ``store_curve`` puts that list (empty without ``epoch_prefs``) in the result as ``epoch_hypervolumes``.
+    """
+    if kind == "palora":
+        optimizer = torch.optim.Adam(adapter_param_groups(model, lr=args.lr), lr=args.lr)
+        window_losses = functools.partial(palora_window_losses, model, mode=window_mode)
+        evaluate = functools.partial(evaluate_palora, model, *test_data)
+    elif kind == "pamal":
+        optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.lr)
+        window_losses = functools.partial(pamal_window_losses, model)
+        evaluate = functools.partial(evaluate_pamal, model, *test_data)
+    else:
+        raise ValueError(f"`kind` must be 'palora' or 'pamal', got {kind!r}.")
+    curve = []
+    on_epoch_end = None if epoch_prefs is None else epoch_logger(lambda: evaluate(prefs=epoch_prefs), curve, reference)
+    stats = train_window(model, optimizer, sampler, window_losses, args, seed, train_data, on_epoch_end, name)
+    logged = {"epoch_hypervolumes": curve} if store_curve else {}
+    sizes = {"parameters": count_parameters(model)}
+    if kind == "palora":
+        sizes["adapter_parameters"] = sum(p.numel() for n, p in model.named_parameters() if "palora_" in n)
+    return evaluate(prefs=prefs) | stats | logged | sizes
+
+
+def train_plain(
+    args: argparse.Namespace,
+    seed: int,
+    train_data: tuple[torch.Tensor, torch.Tensor],
+    test_data: tuple[torch.Tensor, torch.Tensor],
+    weights: torch.Tensor,
+    task_names: Sequence[str] = MULTIMNIST_TASKS,
+) -> dict[str, Any]:
+    """One plain multi-task model trained on ``sum_t weights_t * L_t`` (LS; a one-hot ``weights`` is STL's model)."""
+    model = build_plain(seed, task_names=task_names)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+    def loss_fn(x, labels, progress, step):
+        return (weights * task_losses(model(x), labels)).sum()
+
+    stats = train(loss_fn, optimizer, train_data, args.epochs, args.batch_size, seed, args.max_steps, modules=[model])
+    return evaluate_plain(model, *test_data) | stats | {"parameters": count_parameters(model)}
+
+
+def equal_weights(task_names: Sequence[str] = MULTIMNIST_TASKS) -> torch.Tensor:
+    return torch.full((len(task_names),), 1 / len(task_names))
+
+
+def train_stl(
+    args: argparse.Namespace,
+    seed: int,
+    train_data: tuple[torch.Tensor, torch.Tensor],
+    test_data: tuple[torch.Tensor, torch.Tensor],
+    task_names: Sequence[str] = MULTIMNIST_TASKS,
+) -> dict[str, Any]:
+    """One model per task; the reported point takes each task's metric from its own model."""
+    num_tasks = len(task_names)
+    per_task = [
+        train_plain(args, seed, train_data, test_data, torch.eye(num_tasks)[t], task_names) for t in range(num_tasks)
+    ]
+    return {
+        "preferences": None,
+        "loss": [[per_task[t]["loss"][0][t] for t in range(num_tasks)]],
+        "accuracy": [[per_task[t]["accuracy"][0][t] for t in range(num_tasks)]],
+        "steps": sum(r["steps"] for r in per_task),
+        "train_seconds": sum(r["train_seconds"] for r in per_task),
+        "parameters": sum(r["parameters"] for r in per_task),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -407,6 +530,146 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
         half = float(stats.t.ppf((1 + confidence) / 2, diff.size - 1) * diff.std(ddof=1) / np.sqrt(diff.size))
         interval = [mean - half, mean + half]
     return {"differences": diff.tolist(), "mean": mean, "confidence": confidence, "interval": interval}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Benchmark scripts: arguments, runs stored per seed, aggregation
+# ---------------------------------------------------------------------------------------------------------------------
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    epochs: int,
+    methods: Sequence[str],
+    default_methods: Sequence[str],
+    results_dir: str | os.PathLike,
+) -> None:
+    """The arguments of the per-method scripts: the training budget, the window, seeds, methods, output."""
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--window", type=int, default=4, help="Preferences per step (PaLoRA and PaMaL).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(default_methods), choices=methods)
+    parser.add_argument("--num_train", type=int, default=None, help="Training images (default: all 50k).")
+    parser.add_argument("--num_test", type=int, default=None, help="Test images (default: all 10k).")
+    parser.add_argument("--max_steps", type=int, default=None, help="Stop every run after this many steps.")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output_dir", default=str(results_dir))
+    parser.add_argument("--aggregate_only", action="store_true", help="Only rebuild the tables from seed files.")
+
+
+def run_and_store(
+    path: str | os.PathLike,
+    seed: int,
+    config: dict,
+    key: str,
+    names: Sequence[str],
+    run: Callable[[str], dict],
+    report: Callable[[str, dict, float], str],
+    defaults: dict | None = None,
+) -> dict:
+    """Run ``run(name)`` for each of ``names`` and write ``{"seed", "config", key: {name: result}}`` to ``path``
+    after each, so what is done survives an interrupted later run. The results of an earlier invocation with the same
+    setting (:func:`same_setting` with ``defaults``) are kept. ``report(name, result, seconds)`` is printed."""
+    path = Path(path)
+    payload = {"seed": seed, "config": config, key: {}}
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if same_setting(previous.get("config"), config, defaults):
+            payload[key] = previous[key]
+    for name in names:
+        start = time.perf_counter()
+        payload[key][name] = run(name)
+        atomic_write_json(path, payload)
+        print(report(name, payload[key][name], time.perf_counter() - start), flush=True)
+    return payload
+
+
+def run_methods(
+    path: str | os.PathLike,
+    seed: int,
+    config: dict,
+    methods: Sequence[str],
+    run: Callable[[str], dict],
+    reference: Sequence[float] = LOSS_REFERENCE,
+    defaults: dict | None = None,
+) -> dict:
+    """:func:`run_and_store` of the methods' fronts under ``"methods"``, each with its loss ``hypervolume``."""
+
+    def run_one(method: str) -> dict:
+        result = run(method)
+        return result | {"hypervolume": loss_hypervolume(result["loss"], reference)}
+
+    def report(method: str, result: dict, seconds: float) -> str:
+        return (
+            f"[seed {seed}] {method}: hypervolume {result['hypervolume']:.4f}, "
+            f"{result['steps']} steps in {seconds:.0f}s"
+        )
+
+    return run_and_store(path, seed, config, "methods", methods, run_one, report, defaults)
+
+
+def load_train_eval(
+    load: Callable[[str, int | None], tuple[torch.Tensor, torch.Tensor]],
+    eval_split: str,
+    num_train: int | None,
+    num_test: int | None,
+    label: str,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``load("train", num_train)`` and ``load(eval_split, num_test)``, with one line saying what was loaded."""
+    start = time.perf_counter()
+    train_data, eval_data = load("train", num_train), load(eval_split, num_test)
+    print(
+        f"data: {label}, {train_data[0].shape[0]} train / {eval_data[0].shape[0]} {eval_split} images "
+        f"({time.perf_counter() - start:.0f}s)",
+        flush=True,
+    )
+    return train_data, eval_data
+
+
+def run_benchmark(
+    args: argparse.Namespace,
+    load_data: Callable[[], tuple],
+    run_seed: Callable[..., Any],
+    aggregate: Callable[[argparse.Namespace], Any],
+) -> Any:
+    """A script's ``main``: unless ``args.aggregate_only``, ``run_seed(args, seed, *load_data())`` for each of
+    ``args.seeds``; then ``aggregate(args)``. Threads and RNG states are the caller's again afterwards."""
+    with restored_global_state():
+        set_threads(args.threads)
+        os.makedirs(args.output_dir, exist_ok=True)
+        if not args.aggregate_only:
+            data = load_data()
+            for seed in args.seeds:
+                run_seed(args, seed, *data)
+        return aggregate(args)
+
+
+def having(seed_results: list[dict], *methods: str) -> list[dict]:
+    """The seed results that hold every one of ``methods``."""
+    return [r for r in seed_results if all(m in r["methods"] for m in methods)]
+
+
+def summarise(
+    seed_results: list[dict], methods: Sequence[str], fields: dict[str, Callable[[list[dict]], Any]]
+) -> dict:
+    """Per method, over the seeds that ran it: ``seeds``, the hypervolumes with their mean and std, the mean loss and
+    accuracy fronts, then ``fields`` (name: function of the method's runs)."""
+    summary = {}
+    for method in methods:
+        runs_of = having(seed_results, method)
+        if not runs_of:
+            continue
+        runs = [r["methods"][method] for r in runs_of]
+        hv = [run["hypervolume"] for run in runs]
+        summary[method] = {
+            "seeds": [r["seed"] for r in runs_of],
+            "hypervolume": hv,
+            "hypervolume_mean_std": mean_std(hv),
+            "loss_mean": np.mean([run["loss"] for run in runs], axis=0).tolist(),
+            "accuracy_mean": np.mean([run["accuracy"] for run in runs], axis=0).tolist(),
+        } | {name: field(runs) for name, field in fields.items()}
+    return summary
 
 
 def set_threads(threads: int) -> None:

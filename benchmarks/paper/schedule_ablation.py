@@ -25,10 +25,8 @@ tables and plot aggregate all stored runs of the same setting, so schedules may 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import functools
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -98,10 +96,6 @@ def run_one(args, seed: int, sampler_name: str, train_data, test_data, eval_data
     sampler = make_sampler(sampler_name, args.window, seed)
     history = []
 
-    def loss_fn(x, labels, progress, step):
-        prefs = sampler.sample(progress, step=step)
-        return (prefs * pt.palora_window_losses(model, x, labels, prefs)).sum()
-
     def on_epoch_end(epoch, step):
         record = front_record(pt.evaluate_palora(model, *eval_data)) | {"epoch": epoch, "step": step}
         history.append(record)
@@ -111,18 +105,9 @@ def run_one(args, seed: int, sampler_name: str, train_data, test_data, eval_data
             flush=True,
         )
 
-    stats = pt.train(
-        loss_fn,
-        optimizer,
-        train_data,
-        args.epochs,
-        args.batch_size,
-        seed,
-        args.max_steps,
-        on_epoch_end=on_epoch_end,
-        modules=[model],
-        name=f"{sampler_name} seed {seed}",
-    )
+    window_losses = functools.partial(pt.palora_window_losses, model)
+    name = f"{sampler_name} seed {seed}"
+    stats = pt.train_window(model, optimizer, sampler, window_losses, args, seed, train_data, on_epoch_end, name)
     final = front_record(pt.evaluate_palora(model, *test_data))
     return {"history": history, "final": final} | stats
 
@@ -236,33 +221,33 @@ def aggregate(args) -> dict | None:
     return {"summary": summary, "seeds": [r["seed"] for r in seed_results]}
 
 
+def run_seed(args, seed, train_data, test_data, eval_data) -> dict:
+    def report(name, result, seconds):
+        final = result["final"]
+        return (
+            f"[{name} seed {seed}] final hypervolume {final['hypervolume']:.4f}, consistency loss "
+            f"{final['loss_mean_spearman']:.3f} ({seconds:.0f}s)"
+        )
+
+    return pt.run_and_store(
+        Path(args.output_dir) / f"{PREFIX}_seed{seed}.json",
+        seed,
+        setting(args),
+        "samplers",
+        args.samplers,
+        lambda name: run_one(args, seed, name, train_data, test_data, eval_data),
+        report,
+    )
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    with pt.restored_global_state():  # threads and RNG states are the caller's again afterwards
-        pt.set_threads(args.threads)
-        os.makedirs(args.output_dir, exist_ok=True)
-        if not args.aggregate_only:
-            train_data = pt.load_split("train", args.num_train)
-            test_data = pt.load_split("test", args.num_test)
-            eval_data = tuple(t[: args.num_eval] for t in test_data)
-            for seed in args.seeds:
-                path = Path(args.output_dir) / f"{PREFIX}_seed{seed}.json"
-                payload = {"seed": seed, "config": setting(args), "samplers": {}}
-                if path.exists():
-                    previous = json.loads(path.read_text())
-                    if previous.get("config") == payload["config"]:
-                        payload["samplers"] = previous["samplers"]
-                for name in args.samplers:
-                    start = time.perf_counter()
-                    payload["samplers"][name] = run_one(args, seed, name, train_data, test_data, eval_data)
-                    pt.atomic_write_json(path, payload)
-                    final = payload["samplers"][name]["final"]
-                    print(
-                        f"[{name} seed {seed}] final hypervolume {final['hypervolume']:.4f}, consistency loss "
-                        f"{final['loss_mean_spearman']:.3f} ({time.perf_counter() - start:.0f}s)",
-                        flush=True,
-                    )
-        return aggregate(args)
+
+    def load_data():
+        train_data, test_data = pt.load_split("train", args.num_train), pt.load_split("test", args.num_test)
+        return train_data, test_data, tuple(t[: args.num_eval] for t in test_data)
+
+    return pt.run_benchmark(args, load_data, run_seed, aggregate)
 
 
 if __name__ == "__main__":
