@@ -17,11 +17,9 @@ The package, by layer; each layer imports only from the layers above it in this 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from peft_palora.tuner import PaLoRAConfig, PaLoRALayer, PaLoRAModel, palora_layers
 from peft_palora.tuner.compat import register as _register
+from peft_palora.utils.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -42,14 +40,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

@@ -13,8 +13,7 @@ never imports TRL; the names below import it on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from peft_palora.utils.lazy import lazy_exports
 
 _LAZY = {
     "PaLoRADPOTrainer": "peft_palora.alignment.dpo",
@@ -24,14 +23,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["PaLoRADPOTrainer", "PaLoRAGRPOTrainer", "evaluate_reward_front", "split_by_objective"]
