@@ -20,10 +20,9 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from datasets import Dataset  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from test_alignment_dpo import TASKS, colour_data, completion_log_prob, dpo_config  # noqa: E402
+from test_alignment_dpo import TASKS, colour_data, dpo_config, reference_dpo_loss  # noqa: E402
 from test_alignment_grpo import PROMPTS, blue, make_args, red  # noqa: E402
 from tiny_lm import make_model, make_tokenizer  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
 from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 
 from peft_palora import PaLoRAConfig  # noqa: E402
@@ -125,19 +124,7 @@ def test_dpo_on_a_4bit_base_matches_float64_and_trains_only_the_adapters(tiny_di
         loss = trainer.compute_loss(model, batch).item()
     window = trainer.current_preferences().double()
     reference = float64_reference(path, model)
-    expected = torch.zeros((), dtype=torch.float64)
-    with torch.no_grad():
-        for preference in window:
-            for task in range(len(TASKS)):
-                losses = []
-                for row in rows:
-                    prompt, chosen, rejected = (row[c][task] for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
-                    policy = [completion_log_prob(reference, prompt, ids, preference) for ids in (chosen, rejected)]
-                    with reference.disable_adapter():
-                        base = [completion_log_prob(reference, prompt, ids, None) for ids in (chosen, rejected)]
-                    margin = (policy[0] - base[0]) - (policy[1] - base[1])
-                    losses.append(-F.logsigmoid(trainer.beta * margin))
-                expected += preference[task] * torch.stack(losses).mean() / len(window)
+    expected = reference_dpo_loss(reference, rows, window, trainer.beta)
     assert abs(expected.item() - 0.6931) > 1e-3  # the adapters are not zero: the policy differs from the reference
     assert loss == pytest.approx(expected.item(), **LOSS_TOLERANCE)
 

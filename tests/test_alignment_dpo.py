@@ -84,6 +84,24 @@ def completion_log_prob(model, prompt_ids, completion_ids, preference) -> torch.
     return log_probs[len(prompt_ids) - 1:].sum()
 
 
+def reference_dpo_loss(reference, rows, window, beta) -> torch.Tensor:
+    """``(1/m) sum_k sum_t lambda_kt mean_b L_DPO,t`` recomputed sample by sample on ``reference`` (in float64)."""
+    expected = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for preference in window:
+            for task in range(len(TASKS)):
+                losses = []
+                for row in rows:
+                    prompt, chosen, rejected = (row[c][task] for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+                    policy = [completion_log_prob(reference, prompt, ids, preference) for ids in (chosen, rejected)]
+                    with reference.disable_adapter():
+                        base = [completion_log_prob(reference, prompt, ids, None) for ids in (chosen, rejected)]
+                    margin = (policy[0] - base[0]) - (policy[1] - base[1])
+                    losses.append(-F.logsigmoid(beta * margin))
+                expected += preference[task] * torch.stack(losses).mean() / len(window)
+    return expected
+
+
 def float64_copy(kind, trained):
     model = palora_model(kind)
     model.load_state_dict(trained.state_dict())
@@ -104,19 +122,7 @@ def test_loss_equals_float64_weighted_sum_of_objective_dpo_losses(kind, tmp_path
 
     reference = float64_copy(kind, model)
     beta = trainer.beta
-    expected = torch.zeros((), dtype=torch.float64)
-    with torch.no_grad():
-        for preference in window:
-            for task in range(len(TASKS)):
-                losses = []
-                for row in rows:
-                    prompt, chosen, rejected = (row[c][task] for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
-                    policy = [completion_log_prob(reference, prompt, ids, preference) for ids in (chosen, rejected)]
-                    with reference.disable_adapter():
-                        base = [completion_log_prob(reference, prompt, ids, None) for ids in (chosen, rejected)]
-                    margin = (policy[0] - base[0]) - (policy[1] - base[1])
-                    losses.append(-F.logsigmoid(beta * margin))
-                expected += preference[task] * torch.stack(losses).mean() / len(window)
+    expected = reference_dpo_loss(reference, rows, window, beta)
     assert loss == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
 
 
