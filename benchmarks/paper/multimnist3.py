@@ -16,8 +16,9 @@ are built by ``paper_datasets.make_multimnist3`` (three MNIST digits along the d
 
 Evaluation: the test set at the 66 preferences of ``simplex_grid(3, 11)``; the loss hypervolume of the
 (loss_left, loss_middle, loss_right) points with reference (1, 1, 1). PaLoRA and PaMaL are also evaluated after every
-epoch at the 21 preferences of ``simplex_grid(3, --epoch_grid)`` (default 6) and their hypervolumes stored as
-``epoch_hypervolumes`` (for ``convergence.py``); training is unaffected.
+epoch at the 21 preferences of ``simplex_grid(3, --epoch_grid)`` (default 6) on the first ``--epoch_num_test`` test
+images (default 2,000: evaluating every preference on all 10,000 after every epoch would cost more than the epoch's
+training) and their hypervolumes stored as ``epoch_hypervolumes`` (for ``convergence.py``); training is unaffected.
 
 Each seed goes to ``<output_dir>/multimnist3_seed<N>.json`` (merged with earlier methods of the same setting); the
 tables ``multimnist3.md``/``.json`` and the figure ``multimnist3_front.png`` aggregate every seed file:
@@ -65,9 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--epoch_grid", type=int, default=6, help="Points per side of the per-epoch grid (0: no per-epoch logging)."
     )
+    parser.add_argument(
+        "--epoch_num_test", type=int, default=2000, help="Test images of the per-epoch evaluation (the first ones)."
+    )
     parser.add_argument("--input_scale", type=float, default=1.0, help="Multiply the [0, 1] pixels by this.")
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "window"):
+    for name in ("epochs", "batch_size", "window", "epoch_num_test"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.grid < 2 or args.epoch_grid < 0 or args.epoch_grid == 1:
@@ -80,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def setting(args: argparse.Namespace) -> dict:
-    keys = ("epochs", "batch_size", "lr", "window", "grid", "epoch_grid", "input_scale", "num_train", "num_test")
+    keys = ("epochs", "batch_size", "lr", "window", "grid", "epoch_grid", "epoch_num_test", "input_scale", "num_train",
+            "num_test")
     return {key: getattr(args, key) for key in keys + ("max_steps",)}
 
 
@@ -104,6 +109,7 @@ def run_front(kind, model, args, seed, train_data, test_data, name) -> dict:
         name=f"{name} seed {seed}",
         prefs=simplex_grid(len(TASKS), args.grid),
         epoch_prefs=simplex_grid(len(TASKS), args.epoch_grid) if args.epoch_grid else None,
+        epoch_test_data=tuple(tensor[: args.epoch_num_test] for tensor in test_data),
         store_curve=True,
         reference=REFERENCE,
     )

@@ -267,25 +267,30 @@ def train_front(
     store_curve: bool = False,
     reference: Sequence[float] = LOSS_REFERENCE,
     window_mode: str = "sequential",
+    epoch_test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train a PaLoRA (``kind="palora"``: adapters at lr x T) or PaMaL (``kind="pamal"``) model with Adam at
     ``args.lr`` on the windows of ``sampler``, then evaluate its front at ``prefs`` on ``test_data``.
 
     With ``epoch_prefs``, the loss hypervolume (w.r.t. ``reference``) at those preferences is logged after every
-    epoch; ``store_curve`` puts that list (empty without ``epoch_prefs``) in the result as ``epoch_hypervolumes``.
+    epoch (on ``epoch_test_data``, default ``test_data``); ``store_curve`` puts that list (empty without
+    ``epoch_prefs``) in the result as ``epoch_hypervolumes``.
     """
+    epoch_test_data = test_data if epoch_test_data is None else epoch_test_data
     if kind == "palora":
         optimizer = torch.optim.Adam(adapter_param_groups(model, lr=args.lr), lr=args.lr)
         window_losses = functools.partial(palora_window_losses, model, mode=window_mode)
-        evaluate = functools.partial(evaluate_palora, model, *test_data)
+        evaluate, evaluate_epoch = (functools.partial(evaluate_palora, model, *data)
+                                    for data in (test_data, epoch_test_data))
     elif kind == "pamal":
         optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.lr)
         window_losses = functools.partial(pamal_window_losses, model)
-        evaluate = functools.partial(evaluate_pamal, model, *test_data)
+        evaluate, evaluate_epoch = (functools.partial(evaluate_pamal, model, *data)
+                                    for data in (test_data, epoch_test_data))
     else:
         raise ValueError(f"`kind` must be 'palora' or 'pamal', got {kind!r}.")
     curve = []
-    on_epoch_end = None if epoch_prefs is None else epoch_logger(lambda: evaluate(prefs=epoch_prefs), curve, reference)
+    on_epoch_end = None if epoch_prefs is None else epoch_logger(lambda: evaluate_epoch(prefs=epoch_prefs), curve, reference)
     stats = train_window(model, optimizer, sampler, window_losses, args, seed, train_data, on_epoch_end, name)
     logged = {"epoch_hypervolumes": curve} if store_curve else {}
     sizes = {"parameters": count_parameters(model)}
