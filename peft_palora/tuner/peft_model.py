@@ -41,7 +41,6 @@ from peft_palora.tuner.bundle import (
     check_existing_adapter_matches,
     check_local_bundle,
     check_modules_to_save_present,
-    ignoring_mismatched_sizes,
     local_bundle_dir,
     pending_meaning_problem,
     restore_base_model,
@@ -123,8 +122,7 @@ class PaLoRAPeftModelMixin:
                 if existed and not fresh:  # PEFT would load the tensors into the existing adapter, under its config
                     check_existing_adapter_matches(config, bundle_config, directory, adapter_name)
                 check_modules_to_save_present(self, directory, bundle_config)
-            with ignoring_mismatched_sizes(bool(kwargs.get("ignore_mismatched_sizes", False))), \
-                    pending_meaning_problem(meaning_problem):
+            with pending_meaning_problem(meaning_problem):
                 result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
         except BaseException:
             if fresh:
