@@ -148,6 +148,22 @@ def test_ignore_mismatched_sizes_is_honoured_by_auto_peft_model(tmp_path):
     assert torch.equal(query.palora_A["default"], saved[key])
 
 
+def test_a_save_that_lacks_adapter_tensors_is_refused_and_writes_nothing(tmp_path):
+    """A `state_dict=` without some adapter tensors (what a nested FSDP1 wrapper gives) would write a bundle that
+    cannot be loaded back: refused, and an earlier bundle in that folder stays as it was."""
+    config = peft_palora.PaLoRAConfig(num_tasks=2, r=2, target_modules=["query"], init_weights=False)
+    model = get_peft_model(_bert(), config)
+    model.save_pretrained(tmp_path / "bundle")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "bundle").iterdir()}
+    partial = {k: v for k, v in model.state_dict().items() if not k.endswith("query.palora_B.default")}
+    with pytest.raises(ValueError, match=r"Not saved: .*lacks its adapter tensors .*query\.palora_B"):
+        model.save_pretrained(tmp_path / "bundle", state_dict=partial)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "bundle").iterdir()} == before
+    with pytest.raises(ValueError, match="Not saved"):
+        model.save_pretrained(tmp_path / "new", state_dict=partial)
+    assert not (tmp_path / "new").exists()
+
+
 def test_embeddings_accept_a_dropout_config_and_start_like_lora():
     class Model(nn.Module):
         def __init__(self):

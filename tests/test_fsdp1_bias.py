@@ -2,10 +2,13 @@
 (``torch.distributed.fsdp.FullyShardedDataParallel``, ``use_orig_params=True`` as PEFT needs) reloads with every
 trained tensor, as PEFT's LoRA does: saved the way Accelerate does (the full state dict gathered from the wrapper,
 then ``save_pretrained(state_dict=...)``) and by calling ``save_pretrained`` on the wrapped PEFT model.
+With one wrapper per decoder layer, ``save_pretrained`` on the wrapped model gets a state dict without the adapters
+(PEFT's LoRA writes that bundle and loads it back without its adapters): refused, with what to do instead.
 
 The wrapper needs a process group, so the check runs in a fresh interpreter (this file run as a script) with one
-gloo rank. Only the whole model is wrapped: with a per-decoder-layer wrap policy, FSDP1's own full state dict of this
-model fails inside torch for LoRA and PaLoRA alike (``FSDP assumes ...embed_tokens.weight is in the state_dict``).
+gloo rank. The bias round trip wraps the whole model: with a per-decoder-layer wrap policy, gathering FSDP1's full
+state dict of this model fails inside torch 2.13 on CPU, for LoRA and PaLoRA alike (``FSDP assumes
+...embed_tokens.weight is in the state_dict``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def _run(out: Path) -> None:
     from peft import PeftModel, get_peft_model
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     import peft_palora
 
@@ -85,6 +90,15 @@ def _run(out: Path) -> None:
                     "base_model.model.", "", 1).replace(".base_layer", "")]) for k in expected_biases),
                 "max_logit_difference": (got - expected).abs().max().item(),
             }
+    config = peft_palora.PaLoRAConfig(num_tasks=2, r=2, target_modules=TARGETS, bias="all", init_weights=False)
+    nested = FSDP(get_peft_model(_base(), config), use_orig_params=True, device_id=torch.device("cpu"),
+                  auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}))
+    folder = out.parent / "nested"
+    try:
+        nested.module.save_pretrained(folder)
+        results["nested/direct"] = {"error": None}
+    except ValueError as error:
+        results["nested/direct"] = {"error": str(error), "written": folder.exists()}
     dist.destroy_process_group()
     out.write_text(json.dumps(results))
 
@@ -97,6 +111,9 @@ def test_fsdp1_bundle_with_a_trained_bias_reloads(tmp_path):
     done = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads(out.read_text())
+    nested = results.pop("nested/direct")
+    assert nested["error"] is not None and "Not saved" in nested["error"] and "get_state_dict" in nested["error"]
+    assert nested["written"] is False
     assert sorted(results) == ["all/accelerate", "all/direct", "palora_only/accelerate", "palora_only/direct"]
     for name, result in results.items():
         assert "error" not in result, f"{name}: {result['error']}"

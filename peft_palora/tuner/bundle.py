@@ -227,6 +227,19 @@ def _ancestors(model: nn.Module, name: str) -> Iterator[nn.Module]:
         yield model.get_submodule(".".join(parts[:i]))
 
 
+def missing_saved_adapters(model: nn.Module, adapter_name: str, saved_keys: set[str]) -> list[str]:
+    """The adapter tensors of `adapter_name` that a just-saved bundle lacks (PEFT's saved names: no adapter name).
+
+    A state dict taken from inside a nested FSDP1 wrapper, or a user's `state_dict=` without some adapters, would
+    otherwise write a bundle that cannot be loaded back (PEFT's LoRA loads such a bundle without its adapters)."""
+    missing = []
+    for name, module in model.named_modules():
+        if isinstance(module, PaLoRALayer) and adapter_name in module.palora_A:
+            name = name.replace("_fsdp_wrapped_module.", "")
+            missing += [key for attr in PaLoRALayer.adapter_layer_names if (key := f"{name}.{attr}") not in saved_keys]
+    return missing
+
+
 _LOAD_FUNCTION = ("peft.utils.save_and_load", "set_peft_model_state_dict")
 
 
