@@ -99,6 +99,71 @@ def test_ignore_mismatched_sizes_loads_onto_a_resized_vocabulary(tmp_path):
     assert torch.equal(query.palora_A["default"], saved[key])  # what fits is loaded, the rest is reported
 
 
+def test_ignore_mismatched_sizes_is_honoured_by_set_peft_model_state_dict(tmp_path):
+    """PEFT's own load function, called directly (as `MultiTaskModel` and users' loops do), skips mismatched tensors
+    with the flag and is refused before anything loads without it, as `from_pretrained` is."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    config = peft_palora.PaLoRAConfig(num_tasks=2, r=2, target_modules=["query", "word_embeddings"],
+                                      init_weights=False)
+    get_peft_model(_bert(), config).save_pretrained(tmp_path / "bundle")
+    weights = load_peft_weights(str(tmp_path / "bundle"))
+    resized = _bert(seed=1)
+    resized.resize_token_embeddings(64)
+    model = get_peft_model(resized, peft_palora.PaLoRAConfig(num_tasks=2, r=2, target_modules=["query",
+                                                                                              "word_embeddings"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="shape of .*word_embeddings.palora_A.default"):
+        set_peft_model_state_dict(model, weights)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing loaded
+
+    with pytest.warns(UserWarning, match="ignore_mismatched_sizes"):
+        set_peft_model_state_dict(model, weights, ignore_mismatched_sizes=True)
+    query = next(layer for name, layer in model.named_modules() if name.endswith("layer.0.attention.self.query"))
+    key = next(k for k in weights if "layer.0.attention.self.query.palora_A" in k)
+    assert torch.equal(query.palora_A["default"], weights[key])  # what fits is loaded
+    embeddings = model.base_model.model.embeddings.word_embeddings
+    assert torch.equal(embeddings.palora_A["default"], before[next(k for k in before
+                                                                 if k.endswith("word_embeddings.palora_A.default"))])
+
+
+def test_ignore_mismatched_sizes_is_honoured_by_auto_peft_model(tmp_path):
+    """`AutoPeftModel*.from_pretrained(bundle, ignore_mismatched_sizes=True)` onto a local base whose vocabulary
+    differs from the one the bundle was trained on: loads what fits, as PEFT's LoRA does."""
+    from peft import AutoPeftModel
+
+    _bert(seed=1, vocab_size=64).save_pretrained(tmp_path / "base")
+    config = peft_palora.PaLoRAConfig(num_tasks=2, r=2, target_modules=["query", "word_embeddings"],
+                                      init_weights=False)
+    trained = get_peft_model(_bert(), config)
+    trained.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    trained.save_pretrained(tmp_path / "bundle")
+    with pytest.raises(ValueError, match="shape of .*word_embeddings.palora_A.default"):
+        AutoPeftModel.from_pretrained(tmp_path / "bundle")
+    with pytest.warns(UserWarning, match="ignore_mismatched_sizes"):
+        loaded = AutoPeftModel.from_pretrained(tmp_path / "bundle", ignore_mismatched_sizes=True)
+    saved = load_file(tmp_path / "bundle" / "adapter_model.safetensors")
+    query = next(layer for name, layer in loaded.named_modules() if name.endswith("layer.0.attention.self.query"))
+    key = next(k for k in saved if "layer.0.attention.self.query.palora_A" in k)
+    assert torch.equal(query.palora_A["default"], saved[key])
+
+
+def test_a_save_that_lacks_adapter_tensors_is_refused_and_writes_nothing(tmp_path):
+    """A `state_dict=` without some adapter tensors (what a nested FSDP1 wrapper gives) would write a bundle that
+    cannot be loaded back: refused, and an earlier bundle in that folder stays as it was."""
+    config = peft_palora.PaLoRAConfig(num_tasks=2, r=2, target_modules=["query"], init_weights=False)
+    model = get_peft_model(_bert(), config)
+    model.save_pretrained(tmp_path / "bundle")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "bundle").iterdir()}
+    partial = {k: v for k, v in model.state_dict().items() if not k.endswith("query.palora_B.default")}
+    with pytest.raises(ValueError, match=r"Not saved: .*lacks its adapter tensors .*query\.palora_B"):
+        model.save_pretrained(tmp_path / "bundle", state_dict=partial)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "bundle").iterdir()} == before
+    with pytest.raises(ValueError, match="Not saved"):
+        model.save_pretrained(tmp_path / "new", state_dict=partial)
+    assert not (tmp_path / "new").exists()
+
+
 def test_embeddings_accept_a_dropout_config_and_start_like_lora():
     class Model(nn.Module):
         def __init__(self):

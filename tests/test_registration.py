@@ -102,3 +102,16 @@ def test_patches_are_version_guarded_and_hold_on_the_installed_peft():
     assert isinstance(model, PaLoRAPeftModelMixin) and isinstance(model, PeftModel)
     lora = get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoraConfig(target_modules=["0"]))
     assert type(lora) is PeftModel and "preference" not in lora.special_peft_forward_args
+
+    # Not a patch, a read: `ignore_mismatched_sizes` is taken from the frame of PEFT's load function, which calls
+    # the tuner's remap hook without it (`tuner.bundle.mismatched_sizes_ignored`).
+    import inspect
+
+    from peft.utils import save_and_load
+
+    from peft_palora.tuner.bundle import _LOAD_FUNCTION
+
+    function = getattr(save_and_load, _LOAD_FUNCTION[1])
+    assert function.__module__ == _LOAD_FUNCTION[0]
+    assert "ignore_mismatched_sizes" in inspect.signature(function).parameters
+    assert "_remap_adapter_state_dict_for_load" in inspect.getsource(function)

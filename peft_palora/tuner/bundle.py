@@ -4,7 +4,7 @@
   the meaning recorded in the safetensors metadata (`bundle_metadata`) against the config.
 * `check_adapter_tensors`: every tensor a bundle loads is a finite floating-point tensor.
 * `check_modules_to_save_present`: a config that lists `modules_to_save` must come with their tensors.
-* `ignoring_mismatched_sizes`: carries `from_pretrained(..., ignore_mismatched_sizes=True)` to the tuner's load check.
+* `mismatched_sizes_ignored`: whether the running load passed `ignore_mismatched_sizes=True`, for the tuner's check.
 * `restore_base_model`: undo an injection whose weights could not be loaded (PaLoRA layers and modules_to_save
   wrappers), so a refused `PeftModel.from_pretrained` leaves the user's model as it was.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -226,16 +227,38 @@ def _ancestors(model: nn.Module, name: str) -> Iterator[nn.Module]:
         yield model.get_submodule(".".join(parts[:i]))
 
 
-_IGNORE_MISMATCHED: contextvars.ContextVar[bool] = contextvars.ContextVar("palora_ignore_mismatched", default=False)
+def missing_saved_adapters(model: nn.Module, adapter_name: str, saved_keys: set[str]) -> list[str]:
+    """The adapter tensors of `adapter_name` that a just-saved bundle lacks (PEFT's saved names: no adapter name).
+
+    A state dict taken from inside a nested FSDP1 wrapper, or a user's `state_dict=` without some adapters, would
+    otherwise write a bundle that cannot be loaded back (PEFT's LoRA loads such a bundle without its adapters)."""
+    missing = []
+    for name, module in model.named_modules():
+        if isinstance(module, PaLoRALayer) and adapter_name in module.palora_A:
+            name = name.replace("_fsdp_wrapped_module.", "")
+            missing += [key for attr in PaLoRALayer.adapter_layer_names if (key := f"{name}.{attr}") not in saved_keys]
+    return missing
 
 
-def ignoring_mismatched_sizes(ignore: bool) -> AbstractContextManager[bool]:
-    return contextvar_scope(_IGNORE_MISMATCHED, ignore)
+_LOAD_FUNCTION = ("peft.utils.save_and_load", "set_peft_model_state_dict")
 
 
 def mismatched_sizes_ignored() -> bool:
-    """Whether the running load passed `ignore_mismatched_sizes=True` (mismatched tensors are then skipped)."""
-    return _IGNORE_MISMATCHED.get()
+    """Whether the running load is `set_peft_model_state_dict(..., ignore_mismatched_sizes=True)` (PEFT then skips
+    mismatched tensors and warns, so the tuner's check must not refuse them).
+
+    Every load path goes through that function: `PeftModel.from_pretrained`, `load_adapter`, `AutoPeftModel*`, and
+    users who call it directly. It calls the tuner's `_remap_adapter_state_dict_for_load` hook without the flag, so
+    the flag is read from that function's frame. What would break it: a PEFT that renames the function or its
+    argument, or calls the hook from elsewhere; then this answers False and mismatched shapes are refused as without
+    the flag (`tests/test_registration.py` checks the frame on the installed PEFT).
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == _LOAD_FUNCTION:
+            return frame.f_locals.get("ignore_mismatched_sizes") is True
+        frame = frame.f_back
+    return False
 
 
 def restore_base_model(model: nn.Module, adapter_name: str) -> None:

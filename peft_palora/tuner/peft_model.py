@@ -41,8 +41,8 @@ from peft_palora.tuner.bundle import (
     check_existing_adapter_matches,
     check_local_bundle,
     check_modules_to_save_present,
-    ignoring_mismatched_sizes,
     local_bundle_dir,
+    missing_saved_adapters,
     pending_meaning_problem,
     restore_base_model,
 )
@@ -73,7 +73,8 @@ class PaLoRAPeftModelMixin:
 
     def _record_bundle_meaning(self, directory: str) -> None:
         """Write T, r, the task names and the conv layout of each saved PaLoRA adapter into its safetensors header,
-        so that a load can check them against the config (`bundle.check_bundle_metadata`)."""
+        so that a load can check them against the config (`bundle.check_bundle_metadata`); refuse (nothing is
+        written: the save is staged) a bundle that lacks some of its adapter tensors."""
         from safetensors import safe_open
         from safetensors.torch import save_file
 
@@ -87,6 +88,16 @@ class PaLoRAPeftModelMixin:
             with safe_open(path, framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            missing = missing_saved_adapters(self, adapter_name, set(tensors))
+            if missing:
+                shown = ", ".join(missing[:4]) + (f", ... ({len(missing)} in all)" if len(missing) > 4 else "")
+                raise ValueError(
+                    f"Not saved: the state dict of adapter '{adapter_name}' lacks its adapter tensors {shown}, so the "
+                    "bundle could not be loaded back. Under FSDP1, gather the full state dict from the outermost "
+                    "wrapper (`accelerator.get_state_dict(model)`, or `FullyShardedDataParallel.state_dict_type(..., "
+                    "StateDictType.FULL_STATE_DICT)`) and pass it as `save_pretrained(..., state_dict=...)`; a "
+                    "`state_dict=` you pass must hold every adapter tensor."
+                )
             metadata.update(bundle_metadata(config))
             save_file(tensors, path, metadata=metadata)
 
@@ -123,8 +134,7 @@ class PaLoRAPeftModelMixin:
                 if existed and not fresh:  # PEFT would load the tensors into the existing adapter, under its config
                     check_existing_adapter_matches(config, bundle_config, directory, adapter_name)
                 check_modules_to_save_present(self, directory, bundle_config)
-            with ignoring_mismatched_sizes(bool(kwargs.get("ignore_mismatched_sizes", False))), \
-                    pending_meaning_problem(meaning_problem):
+            with pending_meaning_problem(meaning_problem):
                 result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
         except BaseException:
             if fresh:
