@@ -484,6 +484,29 @@ def test_multimnist3_script_writes_finite_tables_and_epoch_curves(tmp_path):
     assert "| PaMaL |" in (tmp_path / "multimnist3.md").read_text()
     with pytest.raises(SystemExit):
         multimnist3.main(["--epoch_grid", "1"])
+    with pytest.raises(SystemExit):
+        multimnist3.main(["--epoch_num_test", "0"])
+
+
+def test_multimnist3_epoch_curve_uses_the_first_epoch_num_test_images(tmp_path, monkeypatch):
+    """The per-epoch front is evaluated on the first --epoch_num_test test images, the final one on all; on the same
+    grid and all the images, the last epoch's point is the final front's hypervolume."""
+    args = SMOKE + ["--epochs", "1", "--methods", "palora", "--grid", "6", "--epoch_grid", "6"]
+    full = multimnist3.main(args + ["--epoch_num_test", "256", "--output_dir", str(tmp_path / "a")])
+    seed = json.loads((tmp_path / "a" / "multimnist3_seed0.json").read_text())["methods"]["palora"]
+    assert seed["epoch_hypervolumes"][-1]["hypervolume"] == pytest.approx(seed["hypervolume"])
+    assert full["config"]["epoch_num_test"] == 256
+    evaluated, original = [], pt.evaluate_palora
+
+    def recording(model, x, labels, **kwargs):
+        evaluated.append(x.shape[0])
+        return original(model, x, labels, **kwargs)
+
+    monkeypatch.setattr(pt, "evaluate_palora", recording)
+    multimnist3.main(args + ["--epoch_num_test", "64", "--output_dir", str(tmp_path / "b")])
+    assert evaluated == [64, 256]  # after the epoch, then the final front
+    few = json.loads((tmp_path / "b" / "multimnist3_seed0.json").read_text())["methods"]["palora"]
+    assert few["loss"] == seed["loss"]  # same training, same final front
 
 
 def test_log_every_epoch_records_the_hypervolume_of_each_epoch(tmp_path):
@@ -536,4 +559,9 @@ def test_convergence_script_tabulates_stored_curves(tmp_path):
     }
     for name in ("convergence.md", "convergence.json", "convergence.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
+    summary = {(g["setting"], g["method"]): g for g in json.loads((tmp_path / "out" / "convergence.json").read_text())[
+        "summary"]}
+    assert summary[("MultiMNIST, input scale 1", "pamal")]["mean_curve"] == pytest.approx([0.2, 0.67, 0.7])
+    assert summary[("MultiMNIST, input scale 1", "pamal")]["first_inside"] == [1]
+    assert convergence.first_inside([0.0, 0.0, 0.3, 0.5]) == 3 and convergence.first_inside([0.0]) is None
     assert convergence.main(["--results_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o2")]) == []

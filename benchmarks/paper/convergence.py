@@ -5,11 +5,13 @@ The curves come from the seed files of the training scripts, which store ``epoch
 
 * MultiMNIST at input scale 1 and 255: ``multimnist.py --log_every_epoch --output_dir results/convergence``
   (the hypervolume of the 11-point front, reference (1, 1));
-* MultiMNIST-3: ``multimnist3.py`` always logs (the 21 preferences of ``simplex_grid(3, 6)``, reference (1, 1, 1);
-  its final table uses the 66-point grid).
+* MultiMNIST-3: ``multimnist3.py`` always logs (the 21 preferences of ``simplex_grid(3, 6)`` on the first
+  ``epoch_num_test`` test images, reference (1, 1, 1); its final table uses the 66-point grid on every test image).
 
 For each run, "epochs to 95%" is the first epoch whose hypervolume is at least 95% of that run's last logged
-hypervolume (same grid, same test images). Writes ``convergence.md``, ``convergence.json`` and ``convergence.png``:
+hypervolume (same grid, same test images), and "inside" the first epoch with a hypervolume above 0 (the front has
+entered the reference box). ``summary`` gathers the seeds of each setting and method. Writes ``convergence.md``,
+``convergence.json`` and ``convergence.png``:
 
     python benchmarks/paper/convergence.py
 """
@@ -50,6 +52,36 @@ def epochs_to_fraction(hypervolumes: Sequence[float], fraction: float = FRACTION
     return int(np.argmax(values >= fraction * values[-1])) + 1
 
 
+def first_inside(hypervolumes: Sequence[float]) -> int | None:
+    """The first epoch (1-based) with a hypervolume above 0; ``None`` if there is none."""
+    positive = np.flatnonzero(np.asarray(hypervolumes, dtype=np.float64) > 0)
+    return int(positive[0]) + 1 if positive.size else None
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (setting, method): the seeds, the mean curve and last value, and each seed's epochs to 95% and inside."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["setting"], row["method"]), []).append(row)
+    summary = []
+    for (setting, method), group in groups.items():
+        length = min(len(row["hypervolume"]) for row in group)
+        curves = np.asarray([row["hypervolume"][:length] for row in group], dtype=np.float64)
+        finals = np.asarray([row["final"] for row in group], dtype=np.float64)
+        summary.append(
+            {
+                "setting": setting,
+                "method": method,
+                "seeds": [row["seed"] for row in group],
+                "mean_curve": curves.mean(0).tolist(),
+                "final_mean_std": [float(finals.mean()), float(finals.std(ddof=1)) if len(finals) > 1 else 0.0],
+                "epochs_to_95": [row["epochs_to_95"] for row in group],
+                "first_inside": [row["first_inside"] for row in group],
+            }
+        )
+    return summary
+
+
 def collect(results_dir: str | Path, sources: Sequence[tuple[str, str]] = SOURCES) -> list[dict]:
     """One row per (setting, method, seed) that logged every epoch."""
     rows = []
@@ -73,19 +105,38 @@ def collect(results_dir: str | Path, sources: Sequence[tuple[str, str]] = SOURCE
                         "final": hv[-1],
                         "final_full_grid": result.get("hypervolume"),
                         "epochs_to_95": epochs_to_fraction(hv),
+                        "first_inside": first_inside(hv),
                     }
                 )
     return rows
 
 
-def write_markdown(rows: list[dict], path: Path) -> None:
+def write_markdown(rows: list[dict], summary: list[dict], path: Path) -> None:
+    def listed(values):
+        return ", ".join("-" if value is None else str(value) for value in values)
+
     lines = [
         "# Convergence: test loss hypervolume after every epoch",
         "",
         'Written by `benchmarks/paper/convergence.py` from the seed files named below. "95% at epoch" is the first '
         "epoch whose hypervolume reaches 95% of that run's last logged one. MultiMNIST-3's per-epoch hypervolume "
         'is on `simplex_grid(3, 6)` (21 preferences); "final HV (table grid)" is the run\'s hypervolume on its '
-        "table's grid (11 points for MultiMNIST, 66 for MultiMNIST-3).",
+        "table's grid (11 points for MultiMNIST, 66 for MultiMNIST-3). \"Inside\" is the first epoch with a "
+        "hypervolume above 0.",
+        "",
+        "| setting | method | seeds | mean HV per epoch | last HV | 95% at epoch (per seed) | inside at epoch (per seed) |",
+        "| --- | --- | --- | --- | ---: | --- | --- |",
+    ]
+    for group in summary:
+        curve = ", ".join(f"{v:.3f}" for v in group["mean_curve"])
+        mean, std = group["final_mean_std"]
+        lines.append(
+            f"| {group['setting']} | {group['method']} | {listed(group['seeds'])} | {curve} | {mean:.3f} ± {std:.3f} "
+            f"| {listed(group['epochs_to_95'])} | {listed(group['first_inside'])} |"
+        )
+    lines += [
+        "",
+        "Every run:",
         "",
         "| setting | method | seed | epochs | 95% at epoch | HV per epoch | final HV (table grid) | file |",
         "| --- | --- | ---: | ---: | ---: | --- | ---: | --- |",
@@ -138,8 +189,9 @@ def main(argv=None) -> list[dict]:
         print("No run logged every epoch yet: run multimnist.py --log_every_epoch or multimnist3.py first.")
         return rows
     out = Path(args.output_dir)
-    pt.atomic_write_json(out / "convergence.json", {"fraction": FRACTION, "runs": rows})
-    write_markdown(rows, out / "convergence.md")
+    summary = summarise(rows)
+    pt.atomic_write_json(out / "convergence.json", {"fraction": FRACTION, "summary": summary, "runs": rows})
+    write_markdown(rows, summary, out / "convergence.md")
     plot(rows, out / "convergence.png")
     return rows
 
