@@ -111,9 +111,16 @@ def collect(results_dir: str | Path, sources: Sequence[tuple[str, str]] = SOURCE
     return rows
 
 
+def _table(header: str, rule: str, cells: list[list]) -> list[str]:
+    return [header, rule] + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in cells]
+
+
 def write_markdown(rows: list[dict], summary: list[dict], path: Path) -> None:
     def listed(values):
         return ", ".join("-" if value is None else str(value) for value in values)
+
+    def curve(values, digits):
+        return ", ".join(f"{v:.{digits}f}" for v in values)
 
     lines = [
         "# Convergence: test loss hypervolume after every epoch",
@@ -124,31 +131,21 @@ def write_markdown(rows: list[dict], summary: list[dict], path: Path) -> None:
         "table's grid (11 points for MultiMNIST, 66 for MultiMNIST-3). \"Inside\" is the first epoch with a "
         "hypervolume above 0.",
         "",
+    ]
+    lines += _table(
         "| setting | method | seeds | mean HV per epoch | last HV | 95% at epoch (per seed) | inside at epoch (per seed) |",
         "| --- | --- | --- | --- | ---: | --- | --- |",
-    ]
-    for group in summary:
-        curve = ", ".join(f"{v:.3f}" for v in group["mean_curve"])
-        mean, std = group["final_mean_std"]
-        lines.append(
-            f"| {group['setting']} | {group['method']} | {listed(group['seeds'])} | {curve} | {mean:.3f} ± {std:.3f} "
-            f"| {listed(group['epochs_to_95'])} | {listed(group['first_inside'])} |"
-        )
-    lines += [
-        "",
-        "Every run:",
-        "",
+        [[g["setting"], g["method"], listed(g["seeds"]), curve(g["mean_curve"], 3),
+          "{:.3f} ± {:.3f}".format(*g["final_mean_std"]), listed(g["epochs_to_95"]), listed(g["first_inside"])]
+         for g in summary],
+    )
+    lines += ["", "Every run:", ""] + _table(
         "| setting | method | seed | epochs | 95% at epoch | HV per epoch | final HV (table grid) | file |",
         "| --- | --- | ---: | ---: | ---: | --- | ---: | --- |",
-    ]
-    for row in rows:
-        curve = ", ".join(f"{v:.4f}" for v in row["hypervolume"])
-        reached = "n/a (HV 0)" if row["epochs_to_95"] is None else row["epochs_to_95"]
-        final = "" if row["final_full_grid"] is None else f"{row['final_full_grid']:.4f}"
-        lines.append(
-            f"| {row['setting']} | {row['method']} | {row['seed']} | {len(row['epochs'])} | {reached} "
-            f"| {curve} | {final} | `{row['file']}` |"
-        )
+        [[r["setting"], r["method"], r["seed"], len(r["epochs"]),
+          "n/a (HV 0)" if r["epochs_to_95"] is None else r["epochs_to_95"], curve(r["hypervolume"], 4),
+          "" if r["final_full_grid"] is None else f"{r['final_full_grid']:.4f}", f"`{r['file']}`"] for r in rows],
+    )
     configs = {}
     for row in rows:
         configs.setdefault(row["file"], row["config"])
