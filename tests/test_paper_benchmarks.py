@@ -463,6 +463,7 @@ def test_task_losses_refuse_labels_of_another_task_count():
         pt.task_losses(model(torch.zeros(2, 1, 28, 28)), torch.zeros(2, 2, dtype=torch.long))
 
 
+@pytest.mark.slow  # a benchmark smoke run (~5-20 s): the full suite runs it
 def test_multimnist3_script_writes_finite_tables_and_epoch_curves(tmp_path):
     result = multimnist3.main(SMOKE + ["--epochs", "2", "--output_dir", str(tmp_path)])
     for name in ("multimnist3.md", "multimnist3.json", "multimnist3_front.png", "multimnist3_seed0.json"):
@@ -488,6 +489,7 @@ def test_multimnist3_script_writes_finite_tables_and_epoch_curves(tmp_path):
         multimnist3.main(["--epoch_num_test", "0"])
 
 
+@pytest.mark.slow  # a benchmark smoke run (~5-20 s): the full suite runs it
 def test_multimnist3_epoch_curve_uses_the_first_epoch_num_test_images(tmp_path, monkeypatch):
     """The per-epoch front is evaluated on the first --epoch_num_test test images, the final one on all; on the same
     grid and all the images, the last epoch's point is the final front's hypervolume."""
